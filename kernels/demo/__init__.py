@@ -1,0 +1,1 @@
+"""The demo world: procedurally generated captioned scenes, personal concepts, the demo model and its evaluator."""
