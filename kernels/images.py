@@ -1,0 +1,81 @@
+"""Loading a few training photos: any size and mode PIL reads, EXIF rotation honoured, transparency
+composited onto a background, resized (shorter side) and centre-cropped to the training resolution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserInputError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; errors if the folder is missing or has none."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise UserInputError(f"image folder {p} does not exist")
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserInputError(f"image folder {p} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def open_rgb(path: str | os.PathLike, background=(255, 255, 255)) -> Image.Image:
+    """Open one image as RGB: EXIF orientation applied, alpha composited on ``background``."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise UserInputError(f"image {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserInputError(f"image {path} cannot be read ({e})") from None
+    return to_rgb(im, background)
+
+
+def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency (RGBA, LA, P with transparency) on ``background``."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        arr = (255 * arr / max(arr.max(), 1)).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return im.convert("RGB")
+
+
+def resize_center_crop(im: Image.Image, resolution: int) -> Image.Image:
+    """Scale the shorter side to ``resolution`` (bicubic; Lanczos when shrinking), then centre-crop square."""
+    w, h = im.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images (same size) → float tensor [N, 3, H, W] in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] → RGB PIL images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def load_image_folder(folder: str | os.PathLike, resolution: int) -> torch.Tensor:
+    """All images of a folder as a training tensor [N, 3, R, R] in [-1, 1]."""
+    return pil_to_tensor([resize_center_crop(open_rgb(f), resolution) for f in list_images(folder)])
