@@ -1,0 +1,72 @@
+"""ComfyUI suite setup: needs a ComfyUI source checkout in ``COMFYUI_PATH`` (skipped, with the reason shown,
+without one).
+
+ComfyUI is put first on ``sys.path`` and forced to the CPU *before* ``comfy.model_management`` is imported
+(that module initialises the device at import). The pack is only ever imported as ``fewshot_personalize``:
+ComfyUI has a top-level module named ``nodes`` too, and pytest runs with ``--import-mode=importlib`` so the
+repository root is never put on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+SKIP_REASON = "COMFYUI_PATH is not set: the ComfyUI suite needs a ComfyUI source checkout (v0.3.64 or newer)"
+
+if COMFYUI_PATH:
+    COMFYUI_PATH = os.path.abspath(COMFYUI_PATH)
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    # ComfyUI's own `utils` package must win over comfy/utils.py, which `nodes` later puts on sys.path
+    from comfy.cli_args import args  # noqa: E402
+
+    args.cpu = True
+    args.fp32_text_enc = True
+    args.disable_auto_launch = True
+    import utils.extra_config  # noqa: E402,F401
+    import utils.install_util  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.comfyui)
+            if not COMFYUI_PATH:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes():
+    """ComfyUI's top-level ``nodes`` module with the built-in extra nodes (LoraLoader, KSampler, TrainLoraNode…)."""
+    import asyncio
+
+    import nodes  # ComfyUI's, not ours: ours is only reachable as fewshot_personalize.nodes
+
+    if not getattr(nodes, "_fsp_extra_loaded", False):
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        nodes._fsp_extra_loaded = True
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def tiny_folder():
+    from fewshot_personalize.nodes.diffusers_loader import tiny_model_folder
+
+    return tiny_model_folder(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_objects(tiny_folder):
+    """(MODEL, CLIP, VAE) built from the tiny diffusers folder, as the loader node makes them (inference mode,
+    like every node ComfyUI runs)."""
+    import torch
+
+    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+
+    with torch.inference_mode():
+        return load_diffusers_folder(tiny_folder)
