@@ -1,0 +1,182 @@
+"""Node ``FSP_TrainConcept``: DreamBooth-LoRA on the MODEL / CLIP / VAE already in the graph.
+
+The engine (``kernels.trainer.DreamBoothLoraTrainer``) trains on clones through the ComfyUI seams of
+``comfy_backend``; the outputs carry the trained adapter as ordinary weight patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..kernels.errors import TrainingDiverged, UserInputError
+from ..kernels.lora_format import lora_metadata
+from ..kernels.safetensors_io import safe_join
+from ..kernels.train_config import TrainConfig
+from ..kernels.trainer import DreamBoothLoraTrainer, TrainData
+from .adapter import Adapter, AdapterSocket, apply_adapter
+from .comfy_backend import TrainingSession, kohya_to_diffusers_names
+from .images import images_to_training, loss_curve_image, masks_to_training
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "fewshot_checkpoints"
+
+
+def _first(v, default=None):
+    """Inputs arrive as lists (the node reads whole lists, so images of different sizes can come in)."""
+    if isinstance(v, list):
+        return v[0] if v else default
+    return default if v is None else v
+
+
+def checkpoint_path(name: str) -> str:
+    folder = os.path.join(folder_paths.get_output_directory(), CHECKPOINT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    return str(safe_join(folder, f"{name}.safetensors"))
+
+
+def sample_preview(model, clip, vae, prompt: str, seed: int, steps: int, size: int, cfg: float = 5.0) -> torch.Tensor:
+    """One image of ``prompt`` from the trained MODEL/CLIP (euler, normal schedule) as an IMAGE [1,H,W,3]."""
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    ds = vae.spacial_compression_encode()
+    latent = torch.zeros(1, vae.latent_channels, size // ds, size // ds)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent,
+                                  denoise=1.0, disable_pbar=True, seed=seed)
+    return vae.decode(samples)
+
+
+class TrainConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FSP_TrainConcept",
+            display_name="Train concept (DreamBooth-LoRA)",
+            category="fewshot/train",
+            description="Teach the model a new subject or style from 3-10 images (DreamBooth with a LoRA adapter, "
+                        "optional class-prior preservation). Images of any size are scaled (shorter side) to the "
+                        "training resolution and centre-cropped.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model to personalise (e.g. from Load Checkpoint). It is not changed."),
+                io.Clip.Input("clip", tooltip="The text encoder of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint (encodes the training images)."),
+                io.Image.Input("images", tooltip="3-10 photos of the concept. Several batches of different sizes may be "
+                                                 "connected; each image is resized (shorter side) and centre-cropped."),
+                io.String.Input("instance_prompt", default="a photo of sks toy",
+                                tooltip="Prompt with a rare identifier for the concept, e.g. 'a photo of sks toy'."),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate of the LoRA weights."),
+                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank (size of the adapter)."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also put LoRA layers on the text encoder's self-attention."),
+                io.Int.Input("resolution", default=512, min=8, max=4096, step=8,
+                             tooltip="Training resolution in pixels (multiple of 8); the model's native size is best."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Instance images per step."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of all training randomness."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional loss mask (1 = subject): one for all images or one per image. A mask of "
+                                      "another size than its image is resized to it."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Optional class images for prior preservation, e.g. made by a KSampler from the "
+                                       "class prompt in the same graph."),
+                io.String.Input("class_prompt", default="", optional=True,
+                                tooltip="Class prompt of the class images, e.g. 'a photo of a toy' (needed with class images)."),
+                io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="λ of the prior-preservation loss."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Save a resumable training checkpoint every N steps (0 = only on Cancel when a name is set)."),
+                io.String.Input("checkpoint_name", default="", optional=True,
+                                tooltip="Name of the checkpoint file in output/fewshot_checkpoints/ (empty = no checkpoints)."),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="Continue from the checkpoint of this name if it exists (same settings needed)."),
+                io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
+                             tooltip="Sampling steps of the preview image (0 = no preview)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the adapter applied (unchanged if not trained)."),
+                AdapterSocket.Output(display_name="adapter", tooltip="The trained adapter, for Save adapter / Apply adapter."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+                io.Image.Output(display_name="preview", tooltip="A sample of the instance prompt from the trained model."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, instance_prompt=None, class_prompt=None, checkpoint_name=None, resume=None, **kw):
+        prompt = _first(instance_prompt)
+        if isinstance(prompt, str) and not prompt.strip():
+            return "the instance prompt is empty: write one with a rare identifier, e.g. 'a photo of sks toy'"
+        name = _first(checkpoint_name)
+        if isinstance(name, str) and name and (os.sep in name or "/" in name or name.startswith(".")):
+            return f"checkpoint_name {name!r} must be a plain file name"
+        if _first(resume) is True and isinstance(name, str) and not name:
+            return "resume needs a checkpoint_name"
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, instance_prompt, steps, learning_rate, rank, train_text_encoder,
+                resolution, batch_size, seed, mask=None, class_images=None, class_prompt=None, prior_weight=None,
+                checkpoint_every=None, checkpoint_name=None, resume=None, preview_steps=None) -> io.NodeOutput:
+        model, clip, vae = _first(model), _first(clip), _first(vae)
+        instance_prompt, class_prompt = _first(instance_prompt), (_first(class_prompt, "") or "").strip()
+        resolution = _first(resolution)
+        name = (_first(checkpoint_name, "") or "").strip()
+        preview_steps = _first(preview_steps, 20)
+        pixels = images_to_training(images, resolution)
+        masks = masks_to_training(mask, images, resolution) if mask and any(m is not None for m in mask) else None
+        cls_pixels = images_to_training(class_images, resolution) if class_images and any(c is not None for c in class_images) else None
+        if cls_pixels is not None and not class_prompt:
+            raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
+        cfg = TrainConfig(
+            instance_prompt=instance_prompt, class_prompt=class_prompt if cls_pixels is not None else None,
+            prior_weight=_first(prior_weight, 1.0), steps=_first(steps), lr=_first(learning_rate), rank=_first(rank),
+            train_text_encoder=bool(_first(train_text_encoder)), resolution=resolution,
+            batch_size=_first(batch_size), seed=_first(seed), checkpoint_every=_first(checkpoint_every, 0) if name else 0,
+            background_loss_weight=0.0)
+        ckpt = checkpoint_path(name) if name else None
+        data = TrainData(pixels, cls_pixels, masks)
+
+        pbar = comfy.utils.ProgressBar(cfg.steps)
+
+        def on_step(step, total, loss):
+            pbar.update_absolute(step, total)  # also ComfyUI's Cancel check
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        with torch.inference_mode(False):
+            with TrainingSession(model, clip, vae, cfg.train_text_encoder) as session:
+                try:
+                    trainer = DreamBoothLoraTrainer(session.denoiser, session.text_encoder, data, cfg,
+                                                    device=session.denoiser.device)
+                    if _first(resume) and ckpt:
+                        pbar.update_absolute(0, cfg.steps)
+                    result = trainer.train(on_step=on_step, checkpoint_path=ckpt, resume=bool(_first(resume)))
+                except TrainingDiverged as e:
+                    raise ValueError(str(e)) from None
+                family = session.denoiser.family
+                weights = kohya_to_diffusers_names(result.adapter, session.denoiser.unet_config)
+
+        meta = lora_metadata(family=family, method="dreambooth_lora", rank=cfg.rank, alpha=cfg.lora_alpha,
+                             steps=result.steps, instance_prompt=cfg.instance_prompt, class_prompt=cfg.class_prompt,
+                             train_text_encoder=cfg.train_text_encoder, resolution=cfg.resolution, lr=cfg.lr,
+                             seed=cfg.seed, trainer="comfyui")
+        adapter = Adapter(weights, family, meta)
+        out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)
+        losses = loss_curve_image(result.losses, title=f"loss over {result.steps} steps ({result.seconds:.1f} s)")
+        if preview_steps:
+            preview = sample_preview(out_model, out_clip, vae, cfg.instance_prompt, cfg.seed, preview_steps, resolution)
+        else:
+            preview = torch.zeros(1, 64, 64, 3)
+        log.info("trained %d steps in %.1f s (%d adapted layers)", result.steps, result.seconds, len(weights))
+        return io.NodeOutput(out_model, out_clip, adapter, losses, preview)
