@@ -171,7 +171,11 @@ class DiffusersTextEncoder:
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def adapter_roots(self, targets: tuple[str, ...] = TEXT_TARGETS) -> list[AdapterRoot]:
-        return [AdapterRoot(p, m, linear_paths(m, targets, within="self_attn")) for p, m in zip(self.prefixes, self.models)]
+        roots = []
+        for prefix, model in zip(self.prefixes, self.models):
+            body = text_transformer(model)
+            roots.append(AdapterRoot(prefix + "text_model_", body, linear_paths(body, targets, within="self_attn")))
+        return roots
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         for m in self.models:
@@ -179,6 +183,14 @@ class DiffusersTextEncoder:
                 m.gradient_checkpointing_enable()
             else:
                 m.gradient_checkpointing_disable()
+
+
+def text_transformer(model: nn.Module) -> nn.Module:
+    """The CLIP transformer body (embeddings + encoder) whose layers kohya names ``text_model_encoder_…``.
+
+    transformers < 5 nests it as ``CLIPTextModel.text_model``; transformers 5 puts it at the top level.
+    """
+    return getattr(model, "text_model", model)
 
 
 def pick_dtype(device: torch.device | str, requested: str = "auto") -> torch.dtype:

@@ -8,7 +8,7 @@ import os
 import torch
 from PIL import Image
 
-from .diffusers_backend import detect_family
+from .diffusers_backend import detect_family, text_transformer
 from .errors import UserInputError
 from .lora import merge_lora
 from .lora_format import check_family, from_kohya, load_lora_file
@@ -35,9 +35,10 @@ def adapter_modules(pipe) -> dict[str, torch.nn.Module]:
     family = detect_family(pipe)
     out = {"lora_unet_": pipe.unet}
     if family == "sdxl":
-        out.update({"lora_te1_": pipe.text_encoder, "lora_te2_": pipe.text_encoder_2})
+        out.update({"lora_te1_text_model_": text_transformer(pipe.text_encoder),
+                    "lora_te2_text_model_": text_transformer(pipe.text_encoder_2)})
     else:
-        out["lora_te_"] = pipe.text_encoder
+        out["lora_te_text_model_"] = text_transformer(pipe.text_encoder)
     return out
 
 

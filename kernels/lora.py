@@ -112,4 +112,4 @@ def merge_lora(root: nn.Module, weights: dict[str, LoraWeights], strength: float
         if m is None:
             raise ValueError(f"the model has no layer {path!r}")
         delta = w.delta(strength).reshape(m.weight.shape)
-        m.weight.add_(delta.to(m.weight.dtype, m.weight.device))
+        m.weight.add_(delta.to(device=m.weight.device, dtype=m.weight.dtype))

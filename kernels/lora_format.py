@@ -40,7 +40,7 @@ def from_kohya(weights: dict[str, LoraWeights], prefix: str, module_paths: Itera
     lookup = {kohya_name(prefix, p): p for p in module_paths}
     out, unknown = {}, []
     for name, w in weights.items():
-        if not name.startswith(prefix) or (prefix == "lora_te_" and name.startswith(("lora_te1_", "lora_te2_"))):
+        if not name.startswith(prefix):
             continue
         if name in lookup:
             out[lookup[name]] = w
