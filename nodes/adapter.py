@@ -42,7 +42,7 @@ class Adapter:
 
 def adapter_from_file_tensors(tensors, meta: dict[str, str], source: str) -> Adapter:
     weights = parse_lora_tensors(tensors, source)
-    return Adapter(weights, meta.get("fsp.base_family", "unknown"), meta)
+    return Adapter(weights, meta.get("fsp.base_family", "unknown"), dict(meta))
 
 
 def apply_adapter(model, clip, adapter: Adapter, strength_model: float, strength_clip: float, family: str | None,
@@ -53,7 +53,7 @@ def apply_adapter(model, clip, adapter: Adapter, strength_model: float, strength
     an SDXL LoRA on an SD1.5 model), naming the first unknown layer.
     """
     if family is not None:
-        check_family(adapter.metadata or {"fsp.base_family": adapter.family}, family, source)
+        check_family(adapter.metadata, family, source)  # files of other trainers may record nothing
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)

@@ -284,6 +284,11 @@ class TrainingSession(contextlib.AbstractContextManager):
                 p.requires_grad_(False)
         if self.train_text:
             release(self.clip.patcher)  # undoes the object patches on the shared CLIP modules
+            for enc in self.text_encoder.encoders.values():
+                for layer in enc.transformer.text_model.encoder.layers:
+                    f = layer.__dict__.get("forward")
+                    if f is not None and getattr(f, "__func__", None) is type(layer).forward:
+                        del layer.__dict__["forward"]  # ComfyUI restores the bound method as an attribute
         log.debug("removed %d LoRA layers after training", removed)
         return False
 

@@ -1,0 +1,242 @@
+"""Every node of the pack, driven directly (no server), on the tiny model built in code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+STEPS = 4
+RES = 32
+
+
+@pytest.fixture
+def loras_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    d = tmp_path / "loras"
+    d.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(d)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop("loras", None)
+    out = tmp_path / "output"
+    out.mkdir()
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    yield d
+    folder_paths.set_output_directory(old)
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
+def images(n=3, h=RES, w=RES, seed=0):
+    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def train(objs, *, steps=STEPS, text=False, rank=4, imgs=None, preview=0, **opt):
+    from fewshot_personalize.nodes.train import TrainConcept
+
+    m, c, v = objs
+    opt = {k: [val] for k, val in opt.items()}
+    with torch.inference_mode():  # as ComfyUI runs every node
+        out = TrainConcept.execute([m], [c], [v], imgs if imgs is not None else [images()], ["a photo of sks toy"],
+                                   [steps], [1e-3], [rank], [text], [RES], [1], [0], preview_steps=[preview], **opt)
+    return out.args
+
+
+def denoise(model, seed=0):
+    """The MODEL's denoised output on fixed inputs (weight patches applied as ComfyUI applies them)."""
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        mm.load_models_gpu([model], force_full_load=True)
+        return model.model.apply_model(x * 3, torch.tensor([3.0]), c_crossattn=ctx).float().clone()
+
+
+def encode(clip, text="a photo of sks toy"):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text)).clone()
+
+
+def assert_clean(m, c):
+    from fewshot_personalize.nodes.comfy_backend import leftover_lora_layers
+
+    assert leftover_lora_layers(m, c) == 0
+    assert not m.patches and not m.object_patches
+    for layer in c.cond_stage_model.clip_l.transformer.text_model.encoder.layers:
+        # the non-in-place forward was only an object patch on the training clone
+        assert getattr(layer.forward, "__func__", None) is type(layer).forward
+
+
+def test_entrypoint_lists_nodes():
+    import asyncio
+
+    from fewshot_personalize import comfy_entrypoint
+
+    nodes = asyncio.run(asyncio.run(comfy_entrypoint()).get_node_list())
+    ids = {n.define_schema().node_id for n in nodes}
+    assert ids == {"FSP_TrainConcept", "FSP_SaveAdapter", "FSP_ApplyAdapter", "FSP_LoadDemoModel"}
+    for n in nodes:
+        s = n.define_schema()
+        assert s.category.startswith("fewshot/")
+        assert all(i.tooltip for i in s.inputs), s.node_id
+
+
+def test_load_demo_model_node():
+    from fewshot_personalize.nodes.demo_loader import LoadDemoModel
+
+    with torch.inference_mode():
+        m, c, v = LoadDemoModel.execute("tiny (test)").args
+    assert m.model.diffusion_model is not None and v.latent_channels == 4
+    try:
+        from fewshot_personalize.kernels.demo.model import demo_model_path  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="demo model"):
+            LoadDemoModel.execute("demo")
+
+
+def test_train_node_outputs_and_leaves_caller_clean(tiny_objects, loras_dir):
+    m, c, v = tiny_objects
+    before, before_text = denoise(m), encode(c)
+    out_m, out_c, adapter, curve, preview = train(tiny_objects, text=True, preview=2)
+    assert_clean(m, c)
+    assert torch.equal(denoise(m), before) and torch.equal(encode(c), before_text)
+    assert out_m is not m and len(out_m.patches) > 0 and len(out_c.patcher.patches) > 0
+    assert not torch.allclose(denoise(out_m), before)
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and preview.shape == (1, RES, RES, 3)
+    assert adapter.metadata["fsp.steps"] == str(STEPS) and adapter.family == "sd1"
+
+
+def test_adapter_keys_match_the_diffusers_back_end(tiny_folder, tiny_objects, loras_dir):
+    from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+    from fewshot_personalize.kernels.lora_format import kohya_name
+
+    adapter = train(tiny_objects, steps=1, text=True)[2]
+    pipe = load_pipeline(str(tiny_folder))
+    expected = {kohya_name(r.prefix, p) for r in DiffusersDenoiser(pipe).adapter_roots() for p in r.paths}
+    expected |= {kohya_name(r.prefix, p) for r in DiffusersTextEncoder(pipe).adapter_roots() for p in r.paths}
+    assert set(adapter.weights) == expected
+
+
+def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(tiny_objects, loras_dir, comfy_nodes):
+    import folder_paths
+
+    from fewshot_personalize.nodes.apply_adapter import ApplyAdapter
+    from fewshot_personalize.nodes.save_adapter import SaveAdapter
+
+    m, c, v = tiny_objects
+    out_m, out_c, adapter, _, _ = train(tiny_objects, text=True)
+    name = SaveAdapter.execute(adapter, "fewshot/concept", False).args[0]
+    assert name == "fewshot/concept.safetensors" and (loras_dir / name).is_file()
+    assert name in folder_paths.get_filename_list("loras")  # listed without a restart
+    stock_m, stock_c = comfy_nodes.LoraLoader().load_lora(m, c, name, 1.0, 1.0)
+    assert torch.allclose(denoise(stock_m), denoise(out_m), atol=1e-5)
+    assert torch.allclose(encode(stock_c), encode(out_c), atol=1e-5)
+    # our Apply node from the file and from the in-graph adapter agree as well
+    file_m, file_c = ApplyAdapter.execute(m, name, 1.0, 1.0, clip=c).args
+    graph_m, _ = ApplyAdapter.execute(m, "(use the adapter input)", 1.0, 1.0, clip=c, adapter=adapter).args
+    assert torch.allclose(denoise(file_m), denoise(out_m), atol=1e-5)
+    assert torch.allclose(denoise(graph_m), denoise(out_m), atol=1e-5)
+    # separate strengths: model strength 0 leaves the denoiser as it was, clip strength still applies
+    m0, c1 = ApplyAdapter.execute(m, name, 0.0, 1.0, clip=c).args
+    assert torch.allclose(denoise(m0), denoise(m), atol=1e-6)
+    assert torch.allclose(encode(c1), encode(out_c), atol=1e-5)
+
+
+def test_save_never_overwrites_unless_asked(tiny_objects, loras_dir):
+    from fewshot_personalize.nodes.save_adapter import SaveAdapter
+
+    adapter = train(tiny_objects, steps=1)[2]
+    SaveAdapter.execute(adapter, "one", False)
+    msg = SaveAdapter.validate_inputs(filename="one", overwrite=False)
+    assert isinstance(msg, str) and "already exists" in msg
+    with pytest.raises(ValueError, match="already exists"):
+        SaveAdapter.execute(adapter, "one", False)
+    SaveAdapter.execute(adapter, "one", True)
+    assert [p.name for p in loras_dir.iterdir()] == ["one.safetensors"]  # no temporary files left
+    assert isinstance(SaveAdapter.validate_inputs(filename="../escape", overwrite=False), str)
+
+
+def test_apply_refuses_corrupt_foreign_and_other_family_files(tiny_objects, loras_dir):
+    from safetensors.torch import save_file
+
+    from fewshot_personalize.nodes.apply_adapter import ApplyAdapter
+
+    m, c, _ = tiny_objects
+    (loras_dir / "corrupt.safetensors").write_bytes(b"not a safetensors file at all")
+    save_file({"some.weight": torch.zeros(2, 2)}, str(loras_dir / "foreign.safetensors"))
+    xl = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+          "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4)}
+    save_file(xl, str(loras_dir / "xl_meta.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    save_file(xl, str(loras_dir / "xl_plain.safetensors"))
+    import folder_paths
+
+    folder_paths.filename_list_cache.pop("loras", None)
+    for name, pattern in [("corrupt", "not a readable safetensors"), ("foreign", "not a LoRA"),
+                          ("xl_meta", "sdxl model, but this model is sd1"), ("xl_plain", "layers this model does not have")]:
+        with pytest.raises(ValueError, match=pattern):
+            ApplyAdapter.execute(m, f"{name}.safetensors", 1.0, 1.0, clip=c)
+    assert "not in models/loras" in ApplyAdapter.validate_inputs(lora_name="missing.safetensors")
+
+
+def test_cancel_mid_training_leaves_no_patch_and_resumes(tiny_objects, loras_dir):
+    import comfy.model_management
+    import comfy.utils
+
+    m, c, _ = tiny_objects
+    before = denoise(m)
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value >= 2:
+            raise comfy.model_management.InterruptProcessingException()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(tiny_objects, steps=6, text=True, checkpoint_name="cancelled")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert calls and max(calls) == 2
+    assert_clean(m, c)
+    assert torch.equal(denoise(m), before)
+    ckpt = loras_dir.parent / "output" / "fewshot_checkpoints" / "cancelled.safetensors"
+    assert ckpt.is_file()  # the last good step is kept
+    # resuming finishes the run, and ends where an uninterrupted run ends
+    resumed = train(tiny_objects, steps=6, text=True, checkpoint_name="cancelled", resume=True)[2]
+    fresh = train(tiny_objects, steps=6, text=True)[2]
+    for k, w in fresh.weights.items():
+        assert torch.allclose(resumed.weights[k].up, w.up, atol=1e-6), k
+    assert_clean(m, c)
+
+
+def test_bad_inputs_give_clear_messages(tiny_objects, loras_dir):
+    from fewshot_personalize.nodes.train import TrainConcept
+
+    m, c, _ = tiny_objects
+    assert "instance prompt is empty" in TrainConcept.validate_inputs(instance_prompt=["  "])
+    with pytest.raises(ValueError, match="rank 64 is larger"):
+        train(tiny_objects, steps=1, rank=64)
+    with pytest.raises(ValueError, match="class prompt is empty"):
+        train(tiny_objects, steps=1, class_images=images(2, seed=3))
+    with pytest.raises(ValueError, match="2 masks for 3 images"):
+        train(tiny_objects, steps=1, mask=torch.ones(2, RES, RES))
+    assert_clean(m, c)
+
+
+def test_images_of_different_sizes_and_mask_of_wrong_size_are_resized(tiny_objects, loras_dir, caplog):
+    m, c, _ = tiny_objects
+    imgs = [images(2, 48, 64, seed=1), images(1, 40, 32, seed=2)]
+    with caplog.at_level("WARNING"):
+        out = train(tiny_objects, steps=1, imgs=imgs, mask=torch.ones(1, 10, 12))
+    assert out[2].weights and "resizing the mask" in caplog.text
+    assert_clean(m, c)
+
+
+def test_prior_preservation_with_class_images(tiny_objects, loras_dir):
+    out = train(tiny_objects, steps=2, class_images=images(2, seed=5), class_prompt="a photo of a toy", prior_weight=1.0)
+    assert out[2].metadata["fsp.class_prompt"] == "a photo of a toy"
