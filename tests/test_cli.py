@@ -1,0 +1,146 @@
+"""The command line: a real train → generate run, and one clear line + exit code 2 for each bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fewshot_personalize.kernels.cli import main
+
+
+def _run_main(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_with_prior_then_generate_subprocess(tiny_sd, image_folder, tmp_path):
+    out = tmp_path / "concept.safetensors"
+    env = {**os.environ, "FEWSHOT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "fewshot_personalize", "train", "--base", tiny_sd, "--images", str(image_folder),
+           "--prompt", "a sks toy", "--class-prompt", "a toy", "--num-class-images", "3", "--steps", "6",
+           "--rank", "2", "--train-text-encoder", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and "trained 6 steps" in r.stdout and str(out) in r.stdout
+    assert not os.path.exists(str(out.with_suffix("")) + ".checkpoint.safetensors")
+    cache = list((tmp_path / "cache" / "class_images").iterdir())
+    assert len(cache) == 1 and len(list(cache[0].glob("*.png"))) == 3
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(str(out))  # the ecosystem reads the file
+
+    gen = [sys.executable, "-m", "fewshot_personalize", "generate", "--base", tiny_sd, "--lora", f"{out}:0.8",
+           "--prompt", "a sks toy on the beach", "--n", "2", "--steps", "3", "--out", str(tmp_path / "imgs")]
+    r = subprocess.run(gen, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000.png", "001.png"]
+
+
+def test_class_images_are_generated_once_and_reused(tiny_sd, image_folder, tmp_path, capsys):
+    folder = tmp_path / "class"
+    args = ["train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy", "--class-prompt",
+            "a toy", "--class-images", str(folder), "--num-class-images", "2", "--steps", "1", "--rank", "1"]
+    assert _run_main(capsys, *args, "--out", str(tmp_path / "a.safetensors"))[0] == 0
+    first = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert len(first) == 2
+    assert _run_main(capsys, *args, "--out", str(tmp_path / "b.safetensors"))[0] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == first
+
+
+def test_resume_after_interrupt(tiny_sd, image_folder, tmp_path, capsys, monkeypatch):
+    from fewshot_personalize.kernels import trainer as trainer_mod
+
+    out = tmp_path / "r.safetensors"
+    args = ["train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy", "--steps", "6",
+            "--rank", "2", "--out", str(out)]
+    real = trainer_mod.DreamBoothLoraTrainer.train
+
+    def stop_at_3(self, *, on_step=None, **kw):
+        def hook(step, total, loss):
+            on_step(step, total, loss)
+            if step == 3:
+                raise KeyboardInterrupt
+        return real(self, on_step=hook, **kw)
+
+    monkeypatch.setattr(trainer_mod.DreamBoothLoraTrainer, "train", stop_at_3)
+    code, _, err = _run_main(capsys, *args)
+    assert code == 130 and "interrupted after 3 steps" in err and not out.exists()
+    monkeypatch.setattr(trainer_mod.DreamBoothLoraTrainer, "train", real)
+    code, stdout, err = _run_main(capsys, *args, "--resume")
+    assert code == 0, err
+    assert out.is_file() and "trained 6 steps" in stdout
+
+
+BAD = {
+    "missing image folder": (["--images", "{tmp}/nope"], "does not exist"),
+    "empty image folder": (["--images", "{tmp}/empty"], "has no images"),
+    "zero-byte image": (["--images", "{tmp}/zero"], "is empty (0 bytes)"),
+    "unreadable image": (["--images", "{tmp}/junk"], "cannot be read"),
+    "base is not a model": (["--base", "{tmp}/empty"], "not a diffusers model folder"),
+    "base does not exist": (["--base", "{tmp}/nowhere"], "no such model folder"),
+    "empty prompt": (["--prompt", "  "], "prompt is empty"),
+    "output folder missing": (["--out", "{tmp}/no/dir/x.safetensors"], "does not exist"),
+    "output exists": (["--out", "{tmp}/exists.safetensors"], "already exists"),
+    "rank below one": (["--rank", "0"], "rank must be at least 1"),
+    "rank too large": (["--rank", "1000"], "rank 1000 is larger"),
+    "steps below one": (["--steps", "0"], "steps must be at least 1"),
+    "empty class prompt": (["--class-prompt", ""], "class prompt is empty"),
+}
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, image_folder):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "a.png").write_bytes(b"")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("hello")
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_gives_one_line_and_exit_2(case, bad_inputs, tiny_sd, image_folder, capsys):
+    override, message = BAD[case]
+    opts = {"--base": tiny_sd, "--images": str(image_folder), "--prompt": "a sks toy", "--steps": "2",
+            "--out": str(bad_inputs / "out.safetensors")}
+    for flag, value in zip(override[::2], override[1::2]):
+        opts[flag] = value.format(tmp=bad_inputs)
+    argv = ["train"] + [x for kv in opts.items() for x in kv]
+    code, out, err = _run_main(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (bad_inputs / "out.safetensors").exists()
+    assert (bad_inputs / "exists.safetensors").read_bytes() == b"keep me"
+
+
+def test_nan_loss_exits_2_and_keeps_checkpoint(tiny_sd, image_folder, tmp_path, capsys, monkeypatch):
+    from fewshot_personalize.kernels import diffusers_backend
+
+    real = diffusers_backend.DiffusersDenoiser.predict
+    calls = {"n": 0}
+
+    def poisoned(self, x_t, t, cond):
+        calls["n"] += 1
+        out = real(self, x_t, t, cond)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(diffusers_backend.DiffusersDenoiser, "predict", poisoned)
+    out = tmp_path / "n.safetensors"
+    code, _, err = _run_main(capsys, "train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy",
+                             "--steps", "5", "--out", str(out))
+    assert code == 2 and "loss became nan at step 2" in err and not out.exists()
+    assert os.path.exists(str(out.with_suffix("")) + ".checkpoint.safetensors")
+
+
+def test_generate_bad_lora(tiny_sd, tmp_path, capsys):
+    (tmp_path / "x.safetensors").write_bytes(b"junk")
+    code, _, err = _run_main(capsys, "generate", "--base", tiny_sd, "--lora", str(tmp_path / "x.safetensors"),
+                             "--prompt", "a toy", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not a readable safetensors file" in err
