@@ -1,0 +1,184 @@
+"""Pretrain the demo base model on the demo world, on a CPU (DESIGN.md "The demo model").
+
+Three stages, each with a time budget: (1) render a captioned data set of world scenes (hold-out caption
+combinations excluded, model.HOLDOUT); (2) train the VAE (reconstruction + a small KL term, on 32×32 crops,
+then full 64×64 images); (3) encode the data set once and train the UNet and the text encoder jointly with the
+ε-prediction DDPM loss (Ho et al. 2020 eq. 14), 10 % empty captions for classifier-free guidance (Ho & Salimans
+2022), an EMA copy of the weights (decay 0.999) that is what gets saved.
+
+Run: ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--seed 0] [--vae-minutes 8]
+[--unet-minutes 45]``. The log (seed, sizes, steps, times, losses) is written beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import HOLDOUT, MODEL_DIR, RESOLUTION, build_untrained
+
+log = logging.getLogger(__name__)
+
+
+def render_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` world scenes (uint8 [n, 64, 64, 3]) and their captions; no hold-out combination appears."""
+    from .world import render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+    captions = []
+    for i in range(n):
+        scene = sample_scene(rng, holdout=HOLDOUT)
+        im, _, _ = render(scene, RESOLUTION)
+        images[i] = np.asarray(im)
+        captions.append(scene.caption())
+    return images, captions
+
+
+def _to_pixels(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(vae, images: np.ndarray, minutes: float, seed: int, batch: int = 32, lr: float = 1e-3) -> dict:
+    """Reconstruction (L1 + MSE) + 1e-6·KL; 85 % of the budget on random 32×32 crops, the rest on full images."""
+    g = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    losses, start, step = [], time.perf_counter(), 0
+    budget = minutes * 60
+    while (elapsed := time.perf_counter() - start) < budget:
+        full = elapsed > 0.85 * budget
+        idx = g.integers(0, len(images), batch // 4 if full else batch)
+        x = _to_pixels(images[idx])
+        if not full:
+            oy, ox = g.integers(0, RESOLUTION - 32 + 1, 2)
+            x = x[:, :, oy:oy + 32, ox:ox + 32]
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            log.info("vae step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), elapsed)
+    vae.eval()
+    return {"steps": step, "seconds": time.perf_counter() - start, "loss_first50": float(np.mean(losses[:50])),
+            "loss_last50": float(np.mean(losses[-50:]))}
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    return torch.cat([vae.encode(_to_pixels(images[i:i + batch])).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions: list[str], minutes: float,
+               seed: int, batch: int = 32, lr: float = 5e-4, text_lr: float = 2e-4, ema_decay: float = 0.999,
+               p_uncond: float = 0.1) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """Joint UNet + text-encoder training with the ε loss; returns (stats, EMA UNet, EMA text encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    ids_all = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty = ids_all[-1]
+    ids_all = ids_all[:-1]
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": lr}, {"params": text.parameters(), "lr": text_lr}],
+                            weight_decay=1e-2)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
+        p.requires_grad_(False)
+    ac = scheduler.alphas_cumprod
+    unet.train()
+    text.train()
+    losses, start, step = [], time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - start) < minutes * 60:
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        x0 = latents[idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < p_uncond
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(ac), (batch,), generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, text(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m_ema, m in ((ema_unet, unet), (ema_text, text)):
+                for pe, p in zip(m_ema.parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - d)
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            log.info("unet step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), elapsed)
+    curve = [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]
+    return ({"steps": step, "seconds": time.perf_counter() - start, "batch": batch, "loss_curve_per_50": curve},
+            ema_unet, ema_text)
+
+
+def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 12000, vae_minutes: float = 8,
+             unet_minutes: float = 45, threads: int = 2) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    record = {"seed": seed, "n_images": n_images, "holdout": list(HOLDOUT), "torch": torch.__version__,
+              "machine": f"{platform.machine()} {platform.processor()}", "threads": threads,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    images, captions = render_dataset(n_images, seed)
+    record["render_seconds"] = time.perf_counter() - t0
+    log.info("rendered %d scenes in %.0f s", n_images, record["render_seconds"])
+    with tempfile.TemporaryDirectory() as tok_dir:
+        unet, vae, text, tokenizer, scheduler = build_untrained(tok_dir, seed)
+        record["vae"] = train_vae(vae, images, vae_minutes, seed)
+        mean = encode_all(vae, images)
+        scale = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=scale)
+        record["latent_scaling_factor"] = scale
+        unet_stats, ema_unet, ema_text = train_unet(unet, text, tokenizer, scheduler, mean * scale, captions,
+                                                    unet_minutes, seed)
+        record["unet"] = unet_stats
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    record["total_seconds"] = time.perf_counter() - t0
+    (out_dir / "pretrain_log.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(MODEL_DIR))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=12000)
+    ap.add_argument("--vae-minutes", type=float, default=8)
+    ap.add_argument("--unet-minutes", type=float, default=45)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rec = pretrain(a.out, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes, unet_minutes=a.unet_minutes,
+                   threads=a.threads)
+    log.info("done in %.0f s → %s", rec["total_seconds"], a.out)
+
+
+if __name__ == "__main__":
+    main()
