@@ -1,0 +1,124 @@
+"""The quality benchmark on the demo world: methods × concepts × held-out prompts × seeds, mean ± std.
+
+Writes ``quality.md`` (the table README shows), ``quality.json`` (every number) and ``quality.png`` (a chart).
+Targets (issue 3, recorded not asserted): with prior preservation, subject fidelity ≥ 80 % of the references'
+own score, prompt fidelity ≥ 85 % of the base model's, class-prior drift at least halved vs no prior.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .concepts import CONCEPTS
+from .evaluator import Evaluator
+from .experiment import METHODS, demo_pipeline, personalize, reference_score, reset, score
+
+log = logging.getLogger(__name__)
+METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity", "train_seconds")
+
+
+def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, methods=METHODS) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(2)
+    concepts = concepts or list(CONCEPTS)
+    ev = Evaluator.load()
+    pipe = demo_pipeline()
+    runs: list[dict] = []
+    refs = [reference_score(ev, c, s) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
+    start = time.perf_counter()
+    jobs = [(m, c, s) for m in methods for c in concepts for s in range(seeds)]
+    for m, c, s in tqdm(jobs, desc="bench", unit="run"):
+        result = personalize(pipe, c, m, s)
+        metrics = score(ev, pipe, c, s)
+        reset(pipe)
+        runs.append({"method": m.name, "concept": c, "seed": s, "train_seconds": result.seconds if result else 0.0,
+                     **{k: metrics[k] for k in METRICS if k in metrics}, "per_prompt": metrics["per_prompt"]})
+    summary = summarise(runs, refs)
+    record = {"seeds": seeds, "concepts": concepts, "methods": [m.__dict__ for m in methods], "summary": summary,
+              "references": refs, "runs": runs, "seconds": time.perf_counter() - start, "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(record, indent=1))
+    (out / "quality.md").write_text(markdown(record))
+    chart(summary).save(out / "quality.png")
+    print(markdown(record))
+    return record
+
+
+def summarise(runs: list[dict], refs: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        rows = [r for r in runs if r["method"] == name]
+        out[name] = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in METRICS}
+    out["references (ceiling)"] = {k: (float(np.mean([r[k] for r in refs])), float(np.std([r[k] for r in refs])))
+                                   for k in ("subject_fidelity", "prompt_fidelity")}
+    return out
+
+
+def markdown(record: dict) -> str:
+    s = record["summary"]
+    lines = [f"Demo-world quality benchmark: {len(record['concepts'])} concepts × 13 held-out prompts × 2 images × "
+             f"{record['seeds']} seeds per row; mean ± std over concept×seed runs. {record['machine']}, torch "
+             f"{record['torch']}, {record['date']}, {record['seconds'] / 60:.0f} min in all.",
+             "",
+             "| method | subject fidelity ↑ | prompt fidelity ↑ | class-prior drift ↓ | diversity ↑ | train s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in s.items():
+        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "—" for k in METRICS[:4]]
+        cells.append(f"{m['train_seconds'][0]:.0f}" if "train_seconds" in m else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (DreamBooth-LoRA with prior preservation, UNet + text encoder):"]
+    prior = s.get("DreamBooth-LoRA, prior, UNet + text encoder")
+    noprior = s.get("DreamBooth-LoRA, no prior, UNet + text encoder")
+    base, ref = s.get("base model (no personalization)"), s["references (ceiling)"]
+    if prior and base and noprior:
+        sf = prior["subject_fidelity"][0] / ref["subject_fidelity"][0]
+        pf = prior["prompt_fidelity"][0] / base["prompt_fidelity"][0]
+        drift_base = base["class_prior_drift"][0]
+        excess_prior = prior["class_prior_drift"][0] - drift_base
+        excess_noprior = noprior["class_prior_drift"][0] - drift_base
+        lines += [f"- subject fidelity = {100 * sf:.0f} % of the references' own score (target ≥ 80 %)",
+                  f"- prompt fidelity = {100 * pf:.0f} % of the base model's (target ≥ 85 %)",
+                  f"- class-prior drift above the base model: {excess_prior:+.3f} with prior vs {excess_noprior:+.3f} "
+                  f"without (target: at most half)"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict):
+    """Grouped bars per metric (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    from ..plots import _font
+
+    metrics = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
+    names = list(summary)
+    w, h, left, bottom = 900, 380, 40, 120
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    font = _font(11)
+    colours = [(120, 120, 120), (230, 140, 60), (60, 140, 220), (200, 90, 160), (40, 160, 90), (20, 20, 20)]
+    group = (w - left - 20) / len(metrics)
+    bar = group / (len(names) + 1)
+    d.line([(left, h - bottom), (w - 10, h - bottom)], fill="black")
+    for gi, metric in enumerate(metrics):
+        x0 = left + gi * group
+        d.text((x0 + 4, h - bottom + 4), metric.replace("_", " "), fill="black", font=font)
+        for ni, name in enumerate(names):
+            if metric not in summary[name]:
+                continue
+            v = max(0.0, min(1.0, summary[name][metric][0]))
+            top = h - bottom - v * (h - bottom - 20)
+            d.rectangle([x0 + ni * bar + 4, top, x0 + (ni + 1) * bar + 2, h - bottom], fill=colours[ni % len(colours)])
+    for ni, name in enumerate(names):
+        y = h - bottom + 24 + 14 * ni
+        d.rectangle([left, y + 2, left + 10, y + 12], fill=colours[ni % len(colours)])
+        d.text((left + 16, y), name, fill="black", font=font)
+    return im

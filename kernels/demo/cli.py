@@ -1,0 +1,146 @@
+"""Command-line verbs of the demo world: ``demo``, ``evaluate`` and ``bench`` (see kernels/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ..errors import UserInputError
+
+DEMO_PROMPTS = ("a {}", "a {} on the beach", "a {} in the snow", "a {} at night", "a {} on the grass",
+                "a {} with a city in the background")
+
+
+def add_commands(sub) -> None:
+    d = sub.add_parser("demo", help="the whole job on the shipped demo model, on a CPU, in a few minutes")
+    d.add_argument("--out", default="demo_out", help="folder for the grid, loss curve, metrics and LoRA (default demo_out)")
+    d.add_argument("--concept", default="checker_toy", help="bundled concept: checker_toy, twotone_ball, marked_box, creature_toy")
+    d.add_argument("--steps", type=int, help="training steps (default: the benchmark's default method)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+
+    e = sub.add_parser("evaluate", help="score generated images of the demo world against a concept's references")
+    e.add_argument("--images", required=True, help="folder of generated images")
+    e.add_argument("--prompt", required=True, help="the prompt they were generated from")
+    e.add_argument("--references", required=True, help="folder of the concept's reference images")
+    e.add_argument("--out", help="write the metrics JSON here (default: print it)")
+
+    b = sub.add_parser("bench", help="quality benchmark: methods × concepts × held-out prompts × seeds")
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--concepts", default="all")
+    b.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "tests" / "benchmarks"),
+                   help="folder for quality.md, quality.json and quality.png")
+
+
+def load_evaluator():
+    """The shipped demo evaluator, or a one-line error naming what is missing."""
+    from .evaluator import Evaluator
+
+    try:
+        return Evaluator.load()
+    except (FileNotFoundError, ValueError) as e:
+        raise UserInputError(str(e)) from None
+
+
+def cmd_demo(a) -> int:
+    from tqdm import tqdm
+
+    from ..lora_format import lora_metadata, save_lora_file
+    from ..plots import image_grid, loss_curve
+    from .concepts import CONCEPTS, get_concept, reference_images
+    from .experiment import DEFAULT_METHOD, demo_pipeline, personalize, reference_score, sample
+    import dataclasses
+
+    if a.concept not in CONCEPTS:
+        raise UserInputError(f"unknown concept {a.concept!r}; choose one of {', '.join(CONCEPTS)}")
+    out = Path(a.out)
+    targets = [out / n for n in ("grid.png", "loss.png", "metrics.json", f"{a.concept}.safetensors")]
+    if any(t.exists() for t in targets) and not a.overwrite:
+        raise UserInputError(f"{out} already holds demo results (pass --overwrite to replace them)")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    c = get_concept(a.concept)
+    method = DEFAULT_METHOD if a.steps is None else dataclasses.replace(DEFAULT_METHOD, steps=a.steps)
+    if method.steps < 1:
+        raise UserInputError(f"--steps must be at least 1, got {method.steps}")
+    pipe = demo_pipeline()
+    ev = load_evaluator()
+    refs = reference_images(c, seed=a.seed)
+    ref_imgs = [im for im, _ in refs]
+    prompts = [p.format(c.phrase()) for p in DEMO_PROMPTS]
+
+    def sample_all(tag):
+        return [sample(pipe, p, 1, a.seed + k)[0] for k, p in enumerate(tqdm(prompts, desc=f"sample {tag}", leave=False))]
+
+    before = sample_all("before")
+    bar = tqdm(total=method.steps, desc="train", unit="step")
+
+    def on_step(step, total, loss):
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.refresh()
+
+    result = personalize(pipe, a.concept, method, a.seed, on_step=on_step)
+    bar.close()
+    after = sample_all("after")
+
+    import numpy as np
+
+    masks = np.stack([m for _, m in refs])
+    metrics = {"concept": a.concept, "identifier": c.identifier, "method": method.name, "steps": result.steps,
+               "train_seconds": round(result.seconds, 1), "prompts": prompts,
+               "before": {"subject_fidelity": ev.subject_fidelity(before, ref_imgs, masks, c.cls),
+                          "prompt_fidelity": float(np.mean([ev.evaluate([im], p)["prompt_fidelity"] for im, p in zip(before, prompts)]))},
+               "after": {"subject_fidelity": ev.subject_fidelity(after, ref_imgs, masks, c.cls),
+                         "prompt_fidelity": float(np.mean([ev.evaluate([im], p)["prompt_fidelity"] for im, p in zip(after, prompts)]))},
+               "references_ceiling": reference_score(ev, a.concept, a.seed)}
+    grid = image_grid([ref_imgs, before, after], row_labels=["reference photos", "before (base model)",
+                                                            f"after ({method.name}, {result.steps} steps)"],
+                      col_labels=None, cell=96)
+    header = image_grid([[im for im in after]], col_labels=prompts, cell=96)
+    grid.save(out / "grid.png")
+    header.save(out / "prompts.png")
+    loss_curve(result.losses, title=f"{a.concept}: DreamBooth-LoRA loss (prior preservation)").save(out / "loss.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    adapter_meta = lora_metadata(family="sd1", method="dreambooth-lora", rank=method.rank, alpha=float(method.rank),
+                                 steps=result.steps, base_model="demo", instance_prompt=f"a {c.phrase()}",
+                                 class_prompt=f"a {c.cls}")
+    save_lora_file(out / f"{a.concept}.safetensors", result.adapter, adapter_meta, overwrite=a.overwrite)
+    b, f = metrics["before"], metrics["after"]
+    print(f"{a.concept} ('{c.phrase()}'): subject fidelity {b['subject_fidelity']:.3f} → {f['subject_fidelity']:.3f} "
+          f"(references {metrics['references_ceiling']['subject_fidelity']:.3f}), prompt fidelity "
+          f"{b['prompt_fidelity']:.2f} → {f['prompt_fidelity']:.2f}; {time.perf_counter() - start:.0f} s in all")
+    print(f"wrote {out / 'grid.png'}, {out / 'prompts.png'}, {out / 'loss.png'}, {out / 'metrics.json'}, "
+          f"{out / (a.concept + '.safetensors')}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from ..images import list_images, open_rgb
+
+    images = [open_rgb(p) for p in list_images(a.images)]
+    refs = [open_rgb(p) for p in list_images(a.references)]
+    if not a.prompt.strip():
+        raise UserInputError("the prompt is empty")
+    metrics = load_evaluator().evaluate(images, a.prompt, refs)
+    text = json.dumps(metrics, indent=1)
+    if a.out:
+        if os.path.exists(a.out):
+            raise UserInputError(f"{a.out} already exists")
+        Path(a.out).write_text(text)
+        print(f"wrote {a.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    run_bench(Path(a.out), seeds=a.seeds, concepts=None if a.concepts == "all" else a.concepts.split(","))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "evaluate": cmd_evaluate, "bench": cmd_bench}

@@ -1,0 +1,50 @@
+"""The demo model and the demo pipeline: loads, samples, a CI-sized run of `demo`, a smoke run of pretraining."""
+
+import json
+
+import pytest
+import torch
+
+from fewshot_personalize.kernels.cli import main
+from fewshot_personalize.kernels.diffusers_backend import detect_family, load_pipeline
+from fewshot_personalize.kernels.demo.model import MODEL_DIR, RESOLUTION
+
+needs_demo = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(),
+                                reason="demo model weights not built (python -m fewshot_personalize.kernels.demo.pretrain)")
+
+
+@needs_demo
+def test_demo_model_loads_and_samples():
+    from fewshot_personalize.kernels.generate import generate_images
+
+    pipe = load_pipeline("demo")
+    assert detect_family(pipe) == "sd1"
+    tok = pipe.tokenizer
+    for word in ("sks", "toy", "beach"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word  # identifiers are single rare tokens
+    a = generate_images(pipe, "a red ball on the beach", n=1, steps=4, seed=0, guidance=4.0)[0]
+    b = generate_images(pipe, "a red ball on the beach", n=1, steps=4, seed=0, guidance=4.0)[0]
+    assert a.size == (RESOLUTION, RESOLUTION) and a.tobytes() == b.tobytes()
+
+
+@needs_demo
+def test_demo_command_ci_sized(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("grid.png", "loss.png", "metrics.json", "checker_toy.safetensors"):
+        assert (out / name).is_file() and str(out / name) in printed, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and 0 <= m["after"]["subject_fidelity"] <= 1
+    assert main(["demo", "--out", str(out), "--steps", "3"]) == 2  # refuses to overwrite without --overwrite
+
+
+def test_pretraining_smoke(tmp_path):
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    rec = pretrain(tmp_path / "m", n_images=48, vae_minutes=0.03, unet_minutes=0.03, threads=2)
+    assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
+    pipe = load_pipeline(str(tmp_path / "m"))
+    assert pipe.vae.config.scaling_factor == pytest.approx(rec["latent_scaling_factor"])
+    assert json.loads((tmp_path / "m" / "pretrain_log.json").read_text())["seed"] == 0
+    assert torch.isfinite(next(pipe.unet.parameters())).all()
