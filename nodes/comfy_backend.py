@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import comfy.model_base
 import comfy.model_management
-import comfy.model_sampling
 import comfy.utils
 import torch
 from torch import nn
@@ -280,6 +278,7 @@ class TrainingSession(contextlib.AbstractContextManager):
         removed = 0
         for r in self._roots:
             removed += detach_lora(r)
+            r.__dict__.pop("peft_config", None)  # peft's bookkeeping attribute on the (shared) root module
             for p in r.parameters():
                 p.requires_grad_(False)
         if self.train_text:
@@ -301,8 +300,3 @@ def leftover_lora_layers(model=None, clip=None) -> int:
     if clip is not None:
         n += len(lora_layers(clip.cond_stage_model))
     return n
-
-
-def sigma_of(schedule: NoiseSchedule, t: int) -> float:
-    a = float(schedule.alphas_cumprod[t])
-    return math.sqrt((1 - a) / a)

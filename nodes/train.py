@@ -11,7 +11,6 @@ import os
 
 import comfy.model_management
 import comfy.sample
-import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
@@ -159,8 +158,6 @@ class TrainConcept(io.ComfyNode):
                 try:
                     trainer = DreamBoothLoraTrainer(session.denoiser, session.text_encoder, data, cfg,
                                                     device=session.denoiser.device)
-                    if _first(resume) and ckpt:
-                        pbar.update_absolute(0, cfg.steps)
                     result = trainer.train(on_step=on_step, checkpoint_path=ckpt, resume=bool(_first(resume)))
                 except TrainingDiverged as e:
                     raise ValueError(str(e)) from None
