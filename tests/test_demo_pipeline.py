@@ -42,7 +42,7 @@ def test_demo_command_ci_sized(tmp_path, capsys):
 def test_pretraining_smoke(tmp_path):
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 
-    rec = pretrain(tmp_path / "m", n_images=48, vae_minutes=0.03, unet_minutes=0.03, threads=2)
+    rec = pretrain(tmp_path / "m", n_images=48, vae_steps=2, unet_minutes=0.03, threads=2)
     assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
     pipe = load_pipeline(str(tmp_path / "m"))
     assert pipe.vae.config.scaling_factor == pytest.approx(rec["latent_scaling_factor"])
