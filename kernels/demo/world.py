@@ -65,8 +65,11 @@ CONTEXT_PHRASES: dict[str, str] = {
 }
 #: Rare words kept free for personal concepts ("a sks toy").
 IDENTIFIERS: tuple[str, ...] = ("sks", "xyz", "zwx", "qrt")
-#: Object patterns the renderer knows. ``None`` (flat colour) is the only one the base world samples.
-PATTERNS: tuple[str, ...] = ("checker", "twotone", "xmark", "creature")
+#: Object patterns the renderer knows. ``None`` (flat colour) is the only one the base world samples; the
+#: first four make the personal concepts, "stripes" and "dots" exist only to teach the evaluator that a
+#: multi-coloured object is still one object (they are never used by concepts nor by the base world).
+PATTERNS: tuple[str, ...] = ("checker", "twotone", "xmark", "creature", "stripes", "dots")
+_TWO_COLOUR = ("checker", "twotone", "stripes", "dots")
 FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "and")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -136,7 +139,7 @@ class Obj:
             raise ValueError(f"unknown size {self.size!r}; expected one of {SIZES}")
         if self.pattern is not None and self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; expected None or one of {PATTERNS}")
-        if self.pattern in ("checker", "twotone") and self.colour2 is None:
+        if self.pattern in _TWO_COLOUR and self.colour2 is None:
             raise ValueError(f"pattern {self.pattern!r} needs a second colour (colour2)")
 
     @property
@@ -230,7 +233,7 @@ def parse_prompt(prompt: str) -> dict:
 # Each primitive: kind ("ellipse" | "polygon" | "rrect"), points, and how it is painted:
 #   shade  -- multiplies the object's (pattern) colour: 100 = base, < 100 darker, > 100 mixed towards white
 #   decor  -- a fixed RGB colour instead (eyes, marks), not affected by pattern or shade
-#   outline -- draw a dark rim (shade 55)
+#   outline -- draw a dark rim (shade 60)
 
 
 def _prim(kind: str, pts: Sequence[tuple[float, float]], shade: int = 100, outline: bool = True,
@@ -264,8 +267,8 @@ def _toy(r: np.random.Generator, creature: bool) -> list[dict]:
     body_h = r.uniform(0.28, 0.34) if creature else r.uniform(0.30, 0.36)
     body_w = r.uniform(0.36, 0.46)
     body_bot = body_top + body_h
-    leg_w, leg_x, splay = 0.13, body_w * r.uniform(0.2, 0.3), r.uniform(0.0, 0.06)
-    arm_len, arm_w = r.uniform(0.19, 0.24), 0.11
+    leg_w, leg_x, splay = 0.16, body_w * r.uniform(0.2, 0.3), r.uniform(0.0, 0.06)
+    arm_len, arm_w = r.uniform(0.19, 0.24), 0.14
     prims: list[dict] = []
     for side in (-1, 1):  # legs
         top = (side * leg_x, body_bot - 0.04)
@@ -275,7 +278,7 @@ def _toy(r: np.random.Generator, creature: bool) -> list[dict]:
         sh = (side * (body_w / 2 - 0.05), body_top + 0.07)
         end = (sh[0] + side * arm_len * math.cos(a), sh[1] - arm_len * math.sin(a))
         prims.append(_thick_line(sh, end, arm_w))
-        prims.append(_circle(end[0], end[1], 0.065))
+        prims.append(_circle(end[0], end[1], 0.075))
     prims.append(_prim("rrect", [(-body_w / 2, body_top), (body_w / 2, body_bot)], radius=0.07))
     if creature:  # pointed ears, behind the head
         for side in (-1, 1):
@@ -286,8 +289,8 @@ def _toy(r: np.random.Generator, creature: bool) -> list[dict]:
     if creature:  # big eyes with pupils, a mouth
         gaze = r.uniform(-0.02, 0.02)
         for side in (-1, 1):
-            prims.append(_circle(side * 0.085, head_c - 0.01, 0.075, outline=False, decor=(250, 250, 250)))
-            prims.append(_circle(side * 0.085 + gaze, head_c, 0.037, outline=False, decor=(20, 20, 24)))
+            prims.append(_circle(side * 0.095, head_c - 0.01, 0.088, outline=False, decor=(250, 250, 250)))
+            prims.append(_circle(side * 0.095 + gaze, head_c, 0.042, outline=False, decor=(20, 20, 24)))
         prims.append(_thick_line((-0.05, head_c + 0.12), (0.05, head_c + 0.12), 0.03, outline=False, shade=35))
     else:
         for side in (-1, 1):
@@ -320,15 +323,15 @@ def _box(r: np.random.Generator, mark: bool) -> list[dict]:
 
 def _kite(r: np.random.Generator) -> list[dict]:
     hb = r.uniform(0.66, 0.72)
-    wb = hb * r.uniform(0.66, 0.8)
+    wb = hb * r.uniform(0.75, 0.9)
     a = hb * r.uniform(0.30, 0.38)
     top = -0.5
     c = (0.0, top + hb / 2)
     tilt = r.uniform(-0.25, 0.25)
     t, lft, rgt, bot = _rot([(0.0, top), (-wb / 2, top + a), (wb / 2, top + a), (0.0, top + hb)], c, tilt)
     prims = [_prim("polygon", [t, lft, bot, rgt])]
-    prims.append(_thick_line(t, bot, 0.035, outline=False, shade=50))
-    prims.append(_thick_line(lft, rgt, 0.035, outline=False, shade=50))
+    prims.append(_thick_line(t, bot, 0.035, outline=False, shade=60))
+    prims.append(_thick_line(lft, rgt, 0.035, outline=False, shade=60))
     # tail: a zigzag from the bottom corner down to the bottom of the extent, with two bows
     n = 5
     amp = r.uniform(0.04, 0.07)
@@ -338,7 +341,7 @@ def _kite(r: np.random.Generator) -> list[dict]:
         f = i / n
         pts.append((bot[0] + drift * f + (amp if i % 2 else -amp), bot[1] + (0.5 - bot[1]) * f))
     for p, q in zip(pts[:-1], pts[1:]):
-        prims.append(_thick_line(p, q, 0.05, outline=False, shade=85))
+        prims.append(_thick_line(p, q, 0.06, outline=False, shade=85))
     for k in (2, 4):
         bu, bv = pts[k]
         s = 0.06
@@ -385,7 +388,7 @@ def _pattern_field(obj: Obj, n: int, window: tuple[int, int, int, int]) -> np.nd
     x0, y0, x1, y1 = window
     c1 = np.asarray(PALETTE[obj.colour], np.float32) / 255
     out = np.broadcast_to(c1, (y1 - y0, x1 - x0, 3)).copy()
-    if obj.pattern not in ("checker", "twotone"):
+    if obj.pattern not in _TWO_COLOUR:
         return out
     c2 = np.asarray(PALETTE[obj.colour2], np.float32) / 255  # type: ignore[index]
     s = obj.extent
@@ -396,6 +399,14 @@ def _pattern_field(obj: Obj, n: int, window: tuple[int, int, int, int]) -> np.nd
     if obj.pattern == "checker":
         cell = 0.16
         sel = ((np.floor(U / cell + 0.5) + np.floor(V / cell + 0.5)) % 2) == 1
+    elif obj.pattern == "stripes":  # bands at a random angle and width
+        a, width = r.uniform(0, math.pi), r.uniform(0.1, 0.25)
+        sel = np.floor((U * math.cos(a) + V * math.sin(a)) / width + r.uniform(0, 1)) % 2 == 1
+    elif obj.pattern == "dots":  # a few random spots
+        sel = np.zeros(U.shape, bool)
+        for _ in range(int(r.integers(2, 6))):
+            cu, cv, rad = r.uniform(-0.35, 0.35), r.uniform(-0.35, 0.35), r.uniform(0.06, 0.14)
+            sel |= (U - cu) ** 2 + (V - cv) ** 2 < rad**2
     else:  # two halves split by a near-vertical line through the centre
         a = math.radians(r.uniform(-30, 30))
         sel = (U * math.cos(a) + V * math.sin(a)) > 0
@@ -410,7 +421,7 @@ def _draw_object(obj: Obj, n: int) -> tuple[np.ndarray, np.ndarray, tuple[int, i
     pixel window (x0, y0, x1, y1) of the n×n canvas."""
     prims = _shape(obj)
     s_px = obj.extent * n
-    ow = max(0.03 * s_px, 0.9 * _SS)
+    ow = max(0.025 * s_px, 0.7 * _SS)
     u0, v0, u1, v1 = _prims_bbox(prims)
     pad = ow + 2
     wx0 = int(max(0, math.floor(obj.x * n + u0 * s_px - pad)))
@@ -442,7 +453,7 @@ def _draw_object(obj: Obj, n: int) -> tuple[np.ndarray, np.ndarray, tuple[int, i
 
         paint(da, 255)
         if p["decor"] is None:
-            paint(ds, p["shade"], outline=55 if lw else None, width=lw)
+            paint(ds, p["shade"], outline=60 if lw else None, width=lw)
             paint(dda, 0)
         else:
             paint(dd, tuple(p["decor"]))
