@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Text encoders inside comfy's cond_stage_model and their kohya prefixes, per family.
-TEXT_PREFIXES = {"sd1": {"clip_l": "lora_te_"}, "sd2": {"clip_h": "lora_te_"},
+TEXT_PREFIXES = {"sd1": {"clip_l": "lora_te_", "clip_h": "lora_te_"}, "sd2": {"clip_h": "lora_te_", "clip_l": "lora_te_"},
                  "sdxl": {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}}
 
 
@@ -209,6 +209,8 @@ class ComfyTextEncoder:
         self.family = family
         csm = clip.cond_stage_model
         self.encoders = {name: getattr(csm, name) for name in TEXT_PREFIXES[family] if hasattr(csm, name)}
+        if family != "sdxl":
+            self.encoders = dict(list(self.encoders.items())[:1])  # SD1/SD2 have exactly one (clip_l or clip_h)
         if not self.encoders:
             raise UserInputError(f"the CLIP does not match a {family} model (expected {'/'.join(TEXT_PREFIXES[family])})")
 

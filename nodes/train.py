@@ -83,7 +83,8 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=8, max=4096, step=8,
                              tooltip="Training resolution in pixels (multiple of 8); the model's native size is best."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Instance images per step."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of all training randomness."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed of all training randomness."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional loss mask (1 = subject): one for all images or one per image. A mask of "
                                       "another size than its image is resized to it."),

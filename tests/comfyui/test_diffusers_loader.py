@@ -73,3 +73,25 @@ def test_vae_matches_diffusers(pipe, tiny_objects):
 
         mean, std = ComfyDenoiser(tiny_objects[0], vae).encode_images(img.permute(0, 3, 1, 2) * 2 - 1)
     assert torch.allclose(mean, ref_mean * pipe.vae.config.scaling_factor, atol=1e-4)
+
+
+def test_v_prediction_model_predicts_v(tmp_path):
+    """An SD2-style (v-prediction) folder: the ComfyUI denoiser returns v, exactly as the diffusers UNet does."""
+    from diffusers import UNet2DConditionModel
+
+    from fewshot_personalize.kernels.seams import Conditioning
+    from fewshot_personalize.kernels.tiny_models import build_tiny_sd
+    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser, ComfyTextEncoder
+    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+
+    folder = build_tiny_sd(tmp_path / "v", prediction_type="v_prediction", seed=3)
+    with torch.inference_mode():
+        model, clip, vae = load_diffusers_folder(folder)
+    den = ComfyDenoiser(model, vae)
+    assert den.schedule.prediction_type == "v_prediction" and den.family == "sd2"
+    assert ComfyTextEncoder(clip, den.family).encode(["a red dog"]).context.shape == (1, 77, 32)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.allclose(den.predict(x, t, Conditioning(ctx)), unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-4)

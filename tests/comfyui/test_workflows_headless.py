@@ -78,6 +78,8 @@ def server(tmp_path_factory):
             raise RuntimeError("ComfyUI did not start within 120 s")
         info = _get(url + "/object_info/FSP_TrainConcept")
         assert "FSP_TrainConcept" in info, (base / "server.log").read_text()[-3000:]
+        templates = _get(url + "/workflow_templates")  # the UI workflows show up in the template browser
+        assert sorted(templates.get("fewshot_personalize", [])) == sorted(p.stem for p in API_DIR.parent.glob("*.json"))
         yield url, base
     finally:
         proc.terminate()
