@@ -95,3 +95,32 @@ def test_v_prediction_model_predicts_v(tmp_path):
     x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([3, 900])
     with torch.no_grad():
         assert torch.allclose(den.predict(x, t, Conditioning(ctx)), unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-4)
+
+
+def test_demo_architecture_round_trips(tmp_path):
+    """The demo model's architecture (3-level 4× VAE, 3-level UNet, 4-layer CLIP; random weights here, the shipped
+    weights may not exist yet) loads into ComfyUI objects that reproduce diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewshot_personalize.kernels.demo.model import build_untrained
+    from fewshot_personalize.kernels.seams import Conditioning
+    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser, ComfyTextEncoder
+    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+
+    unet, vae_d, text, tok, sched = build_untrained(tmp_path / "tok")
+    pipe = StableDiffusionPipeline(vae=vae_d, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(tmp_path / "demo"), safe_serialization=True)
+    with torch.inference_mode():
+        model, clip, vae = load_diffusers_folder(tmp_path / "demo")
+    assert vae.spacial_compression_encode() == 4
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 128, generator=g), torch.tensor([250])
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    ids = tok(["a photo of sks toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(ComfyDenoiser(model, vae).predict(x, t, Conditioning(ctx)),
+                              unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-4)
+        assert torch.allclose(ComfyTextEncoder(clip, "sd1").encode(["a photo of sks toy"]).context, text(ids)[0], atol=1e-4)
+        ref = (vae_d.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        assert torch.allclose(vae.decode(z), ref, atol=1e-3)

@@ -63,7 +63,9 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--fp32-text-enc", "--listen", "127.0.0.1", "--port", str(port),
          "--disable-auto-launch", "--base-directory", str(base), "--disable-api-nodes"],
-        cwd=comfy, stdout=logfile, stderr=subprocess.STDOUT)
+        cwd=comfy, stdout=logfile, stderr=subprocess.STDOUT,
+        # one OpenMP thread: on a small shared CPU, oversubscribed OpenMP threads slow steps down by up to 100x
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
