@@ -341,10 +341,10 @@ def _kite(r: np.random.Generator) -> list[dict]:
         f = i / n
         pts.append((bot[0] + drift * f + (amp if i % 2 else -amp), bot[1] + (0.5 - bot[1]) * f))
     for p, q in zip(pts[:-1], pts[1:]):
-        prims.append(_thick_line(p, q, 0.06, outline=False, shade=85))
+        prims.append(_thick_line(p, q, 0.08, outline=False, shade=85))
     for k in (2, 4):
         bu, bv = pts[k]
-        s = 0.06
+        s = 0.07
         prims.append(_prim("polygon", [(bu, bv), (bu - s * 1.4, bv - s), (bu - s * 1.4, bv + s)], shade=85))
         prims.append(_prim("polygon", [(bu, bv), (bu + s * 1.4, bv - s), (bu + s * 1.4, bv + s)], shade=85))
     return prims
