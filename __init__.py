@@ -14,5 +14,3 @@ except ImportError:
     pass
 else:
     from .nodes import comfy_entrypoint  # noqa: F401
-
-WEB_DIRECTORY = None

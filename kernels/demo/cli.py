@@ -45,13 +45,14 @@ def load_evaluator():
 
 
 def cmd_demo(a) -> int:
+    import dataclasses
+
     from tqdm import tqdm
 
     from ..lora_format import lora_metadata, save_lora_file
     from ..plots import image_grid, loss_curve
     from .concepts import CONCEPTS, get_concept, reference_images
     from .experiment import DEFAULT_METHOD, demo_pipeline, personalize, reference_score, sample
-    import dataclasses
 
     if a.concept not in CONCEPTS:
         raise UserInputError(f"unknown concept {a.concept!r}; choose one of {', '.join(CONCEPTS)}")
