@@ -44,6 +44,8 @@ def test_pretraining_smoke(tmp_path):
 
     rec = pretrain(tmp_path / "m", n_images=48, vae_steps=2, unet_minutes=0.03, threads=2)
     assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
+    check = rec["vae"]["held_out_reconstruction"]
+    assert 0 < check["mse"] < 10 and check["images"] > 0 and check["object_mse"] > 0
     pipe = load_pipeline(str(tmp_path / "m"))
     assert pipe.vae.config.scaling_factor == pytest.approx(rec["latent_scaling_factor"])
     assert json.loads((tmp_path / "m" / "pretrain_log.json").read_text())["seed"] == 0

@@ -18,7 +18,8 @@ import torch
 
 from .concepts import CONCEPTS
 from .evaluator import Evaluator
-from .experiment import METHODS, demo_pipeline, personalize, reference_score, reset, score
+from .experiment import METHODS, demo_pipeline, personalize, reference_score, reset, sample, score
+from .model_quality import ATTRIBUTES, measure_model_quality
 
 log = logging.getLogger(__name__)
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity", "train_seconds")
@@ -31,9 +32,11 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
     concepts = concepts or list(CONCEPTS)
     ev = Evaluator.load()
     pipe = demo_pipeline()
+    start = time.perf_counter()
+    base_quality = measure_model_quality(ev, lambda caption, seed: sample(pipe, caption, 1, seed)[0])
+    log.info("base model recognition on held-out captions: %s", base_quality["held_out"])
     runs: list[dict] = []
     refs = [reference_score(ev, c, s) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
-    start = time.perf_counter()
     jobs = [(m, c, s) for m in methods for c in concepts for s in range(seeds)]
     for m, c, s in tqdm(jobs, desc="bench", unit="run"):
         result = personalize(pipe, c, m, s)
@@ -43,6 +46,7 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
                      **{k: metrics[k] for k in METRICS if k in metrics}, "per_prompt": metrics["per_prompt"]})
     summary = summarise(runs, refs)
     record = {"seeds": seeds, "concepts": concepts, "methods": [m.__dict__ for m in methods], "summary": summary,
+              "base_model_quality": base_quality,
               "references": refs, "runs": runs, "seconds": time.perf_counter() - start, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,17 @@ def markdown(record: dict) -> str:
                   f"- prompt fidelity = {100 * pf:.0f} % of the base model's (target ≥ 85 %)",
                   f"- class-prior drift above the base model: {excess_prior:+.3f} with prior vs {excess_noprior:+.3f} "
                   f"without (target: at most half)"]
+    q = record.get("base_model_quality")
+    if q:
+        names = {"cls": "class", "colour": "colour", "context": "context", "all": "all three"}
+        lines += ["", f"Base model: the evaluator recognises what a single-object caption asks for "
+                      f"({q['captions']['held_out']} held-out-combination captions, {q['captions']['seen']} seen ones, "
+                      "one sample each; target ≥ 80 % on held-out combinations):", "",
+                  "| captions | " + " | ".join(names[k] for k in (*ATTRIBUTES, "all")) + " |",
+                  "|---|" + "---:|" * (len(ATTRIBUTES) + 1)]
+        for key, label in (("held_out", "held-out combinations (base model)"), ("seen", "seen combinations (base model)"),
+                           ("ideal_renders_held_out", "held-out combinations, ideal renders (evaluator ceiling)")):
+            lines.append(f"| {label} | " + " | ".join(f"{100 * q[key][k]:.0f} %" for k in (*ATTRIBUTES, "all")) + " |")
     return "\n".join(lines) + "\n"
 
 
