@@ -6,6 +6,7 @@ Bad input ends with one line ``error: …`` on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -121,7 +122,7 @@ def cmd_train(a) -> int:
                       unet_targets=tuple(s.strip() for s in a.unet_targets.split(",") if s.strip()),
                       lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma,
                       noise_offset=a.noise_offset, random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing,
-                      resolution=a.resolution or 8, seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype)
+                      resolution=a.resolution or 8, seed=a.seed,  # validated now; the model's size below checkpoint_every=a.checkpoint_every, dtype=a.dtype)
     out = check_output_path(a.out, overwrite=a.overwrite or a.resume)
     if a.num_class_images is not None and a.num_class_images < 1:
         raise UserInputError(f"--num-class-images must be at least 1, got {a.num_class_images}")
@@ -131,8 +132,7 @@ def cmd_train(a) -> int:
     device = a.device or default_device()
     pipe = load_pipeline(a.base, device)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    cfg.resolution = a.resolution or pipe.unet.config.sample_size * vae_scale
-    cfg.__post_init__()
+    cfg = dataclasses.replace(cfg, resolution=a.resolution or pipe.unet.config.sample_size * vae_scale)
     denoiser, text = DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe)
     _check_rank(denoiser, text, cfg)
     instance = load_image_folder(a.images, cfg.resolution)
