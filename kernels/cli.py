@@ -116,13 +116,14 @@ def cmd_train(a) -> int:
     from .train_config import TrainConfig
     from .trainer import DreamBoothLoraTrainer, TrainData
 
+    # validated before the model loads; resolution 8 stands in for the model's native size until then
     cfg = TrainConfig(instance_prompt=a.prompt, class_prompt=a.class_prompt, prior_weight=a.prior_weight,
                       steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, text_lr=a.text_lr,
                       rank=a.rank, alpha=a.alpha, train_text_encoder=a.train_text_encoder,
                       unet_targets=tuple(s.strip() for s in a.unet_targets.split(",") if s.strip()),
                       lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma,
                       noise_offset=a.noise_offset, random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing,
-                      resolution=a.resolution or 8, seed=a.seed,  # validated now; the model's size below checkpoint_every=a.checkpoint_every, dtype=a.dtype)
+                      resolution=a.resolution or 8, seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype)
     out = check_output_path(a.out, overwrite=a.overwrite or a.resume)
     if a.num_class_images is not None and a.num_class_images < 1:
         raise UserInputError(f"--num-class-images must be at least 1, got {a.num_class_images}")
