@@ -70,3 +70,22 @@ def tiny_objects(tiny_folder):
 
     with torch.inference_mode():
         return load_diffusers_folder(tiny_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """A tiny SDXL-style diffusers folder (two CLIP encoders, 'text_time' UNet), built in code."""
+    from fewshot_personalize.kernels.tiny_models import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_objects(tiny_sdxl_folder):
+    """(MODEL, CLIP, VAE) of the tiny SDXL folder, loaded in inference mode like ``tiny_objects``."""
+    import torch
+
+    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+
+    with torch.inference_mode():
+        return load_diffusers_folder(tiny_sdxl_folder)

@@ -124,3 +124,96 @@ def test_demo_architecture_round_trips(tmp_path):
         assert torch.allclose(ComfyTextEncoder(clip, "sd1").encode(["a photo of sks toy"]).context, text(ids)[0], atol=1e-4)
         ref = (vae_d.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         assert torch.allclose(vae.decode(z), ref, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def xl_pipe(tiny_sdxl_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_folder), local_files_only=True)
+
+
+def test_sdxl_unet_matches_diffusers(xl_pipe, tiny_sdxl_objects):
+    """ComfyUI's SDXL UNet, with the pooled text and the size/crop time ids ComfyUI's sampler adds (latent
+    size × 8, no crop), predicts what diffusers' UNet predicts from the same ``added_cond_kwargs``."""
+    from fewshot_personalize.kernels.seams import Conditioning
+    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser
+
+    model, _, vae = tiny_sdxl_objects
+    den = ComfyDenoiser(model, vae)
+    assert den.family == "sdxl"
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 4, 16, 12, generator=g), torch.randn(2, 77, 64, generator=g), torch.randn(2, 32, generator=g)
+    t = torch.tensor([10, 700])
+    time_ids = torch.tensor([[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]] * 2)  # (h, w, crop top, crop left, target h, w)
+    with torch.no_grad():
+        ref = xl_pipe.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        ours = den.predict(x, t, Conditioning(ctx, pooled))
+        other_pooled = den.predict(x, t, Conditioning(ctx, pooled.flip(0)))
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    assert not torch.allclose(other_pooled, ref, atol=1e-3)  # the pooled embedding does reach the UNet
+    assert torch.allclose(den.schedule.alphas_cumprod.float(), xl_pipe.scheduler.alphas_cumprod, atol=1e-6)
+
+
+def test_sdxl_text_conditioning_matches_diffusers(xl_pipe, tiny_sdxl_objects):
+    """Both encoders' penultimate hidden states (concatenated) and text_encoder_2's projected pooled output equal
+    ``StableDiffusionXLPipeline.encode_prompt``; the CLIP node path (tokenize → encode) gives the same."""
+    from fewshot_personalize.nodes.comfy_backend import ComfyTextEncoder
+
+    _, clip, _ = tiny_sdxl_objects
+    prompts = ["a photo of sks toy on the beach", "a red dog"]
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = xl_pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        ours = ComfyTextEncoder(clip, "sdxl").encode(prompts)
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(prompts[1]), return_pooled=True)
+    assert ours.context.shape == ref.shape == (2, 77, 64) and ours.pooled.shape == ref_pooled.shape == (2, 32)
+    assert torch.allclose(ours.context, ref, atol=1e-4), (ours.context - ref).abs().max()
+    assert torch.allclose(ours.pooled, ref_pooled, atol=1e-4), (ours.pooled - ref_pooled).abs().max()
+    assert torch.allclose(cond, ref[1:], atol=1e-4) and torch.allclose(pooled, ref_pooled[1:], atol=1e-4)
+
+
+def test_sdxl_vae_matches_diffusers(xl_pipe, tiny_sdxl_objects):
+    _, _, vae = tiny_sdxl_objects
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = (xl_pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        assert torch.allclose(vae.decode(z), ref, atol=1e-3)
+
+
+def test_sdxl_sized_unet_config_uses_head_channels():
+    """diffusers' per-block head counts of SDXL (5, 10, 20 over 320/640/1280 channels) map to ComfyUI's fixed
+    head width of 64 and to SDXL's own unet_config, which ComfyUI uses to detect SDXL checkpoints."""
+    import comfy.supported_models
+
+    from fewshot_personalize.nodes.diffusers_loader import unet_config_from_diffusers
+
+    cfg = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+           "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "use_linear_projection": True,
+           "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+           "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "sample_size": 128,
+           "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+           "projection_class_embeddings_input_dim": 2816}
+    ours = unet_config_from_diffusers(cfg)
+    assert ours["num_head_channels"] == 64 and ours["num_heads"] == -1 and ours["num_classes"] == "sequential"
+    for k, v in comfy.supported_models.SDXL.unet_config.items():
+        assert ours[k] == v, k
+    assert ours["transformer_depth_middle"] == 10
+
+
+def test_other_added_conditioning_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from fewshot_personalize.kernels.errors import UserInputError
+    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder, tiny_model_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_folder(0), folder)
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "addition_embed_type": "image"}))
+    with pytest.raises(UserInputError, match="added conditioning 'image'"):
+        load_diffusers_folder(folder)
+    cfg_path.write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
+    with pytest.raises(UserInputError, match="text_encoder_2"):
+        load_diffusers_folder(folder)
