@@ -33,6 +33,14 @@ def loras_dir(tmp_path, monkeypatch):
     folder_paths.filename_list_cache.pop("loras", None)
 
 
+@pytest.fixture(params=["sd1", "sdxl"])
+def family_case(request):
+    """(family, diffusers folder, (MODEL, CLIP, VAE)) of the tiny SD1 model and of the tiny SDXL model."""
+    suffix = "" if request.param == "sd1" else "_sdxl"
+    return (request.param, request.getfixturevalue(f"tiny{suffix}_folder"),
+            request.getfixturevalue(f"tiny{suffix}_objects"))
+
+
 def images(n=3, h=RES, w=RES, seed=0):
     return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
@@ -49,19 +57,29 @@ def train(objs, *, steps=STEPS, text=False, rank=4, imgs=None, preview=0, **opt)
 
 
 def denoise(model, seed=0):
-    """The MODEL's denoised output on fixed inputs (weight patches applied as ComfyUI applies them)."""
+    """The MODEL's denoised output on fixed inputs (weight patches applied as ComfyUI applies them); SDXL models
+    also get a fixed pooled embedding with 128×128 size ids (``y``)."""
+    import comfy.model_base
     import comfy.model_management as mm
 
+    base = model.model
+    unet_config = base.model_config.unet_config
     g = torch.Generator().manual_seed(seed)
-    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, unet_config["context_dim"], generator=g)
+    extra = {}
+    if isinstance(base, comfy.model_base.SDXL):
+        pooled = torch.randn(1, unet_config["adm_in_channels"] - 6 * base.embedder.dim, generator=g)
+        extra["y"] = base.encode_adm(pooled_output=pooled, width=128, height=128)
     with torch.inference_mode():
         mm.load_models_gpu([model], force_full_load=True)
-        return model.model.apply_model(x * 3, torch.tensor([3.0]), c_crossattn=ctx).float().clone()
+        return model.model.apply_model(x * 3, torch.tensor([3.0]), c_crossattn=ctx, **extra).float().clone()
 
 
 def encode(clip, text="a photo of sks toy"):
+    """The CLIP's conditioning of ``text`` and its pooled output, flattened into one vector."""
     with torch.inference_mode():
-        return clip.encode_from_tokens(clip.tokenize(text)).clone()
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return torch.cat([cond.flatten(), pooled.flatten()]).clone()
 
 
 def assert_clean(m, c):
@@ -70,9 +88,11 @@ def assert_clean(m, c):
     assert leftover_lora_layers(m, c) == 0
     assert not m.patches and not m.object_patches
     assert not hasattr(m.model.diffusion_model, "peft_config")
-    for layer in c.cond_stage_model.clip_l.transformer.text_model.encoder.layers:
-        # the non-in-place forward was only an object patch on the training clone
-        assert getattr(layer.forward, "__func__", None) is type(layer).forward
+    encoders = [getattr(c.cond_stage_model, n) for n in ("clip_l", "clip_g") if hasattr(c.cond_stage_model, n)]
+    for enc in encoders:
+        for layer in enc.transformer.text_model.encoder.layers:
+            # the non-in-place forward was only an object patch on the training clone
+            assert getattr(layer.forward, "__func__", None) is type(layer).forward
 
 
 def test_entrypoint_lists_nodes():
@@ -102,43 +122,63 @@ def test_load_demo_model_node():
             LoadDemoModel.execute("demo")
 
 
-def test_train_node_outputs_and_leaves_caller_clean(tiny_objects, loras_dir):
-    m, c, v = tiny_objects
+def test_train_node_outputs_and_leaves_caller_clean(family_case, loras_dir):
+    family, _, objs = family_case
+    m, c, v = objs
     before, before_text = denoise(m), encode(c)
-    out_m, out_c, adapter, curve, preview = train(tiny_objects, text=True, preview=2)
+    out_m, out_c, adapter, curve, preview = train(objs, text=True, preview=2)
     assert_clean(m, c)
     assert torch.equal(denoise(m), before) and torch.equal(encode(c), before_text)
     assert out_m is not m and len(out_m.patches) > 0 and len(out_c.patcher.patches) > 0
     assert not torch.allclose(denoise(out_m), before)
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and preview.shape == (1, RES, RES, 3)
-    assert adapter.metadata["fsp.steps"] == str(STEPS) and adapter.family == "sd1"
+    assert adapter.metadata["fsp.steps"] == str(STEPS) and adapter.family == family
+    assert not torch.allclose(encode(out_c), before_text)
+    assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in adapter.weights.values())
 
 
-def test_adapter_keys_match_the_diffusers_back_end(tiny_folder, tiny_objects, loras_dir):
+def test_train_without_text_encoder_patches_only_the_model(family_case, loras_dir):
+    _, _, objs = family_case
+    m, c, _ = objs
+    before, before_text = denoise(m), encode(c)
+    out_m, out_c, adapter, _, _ = train(objs, text=False)
+    assert_clean(m, c)
+    assert torch.equal(denoise(m), before) and torch.equal(encode(c), before_text)
+    assert adapter.weights and all(k.startswith("lora_unet_") for k in adapter.weights)
+    assert not out_c.patcher.patches and torch.equal(encode(out_c), before_text)
+    assert not torch.allclose(denoise(out_m), before)
+
+
+def test_adapter_keys_match_the_diffusers_back_end(family_case, loras_dir):
     from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
     from fewshot_personalize.kernels.lora_format import kohya_name
 
-    adapter = train(tiny_objects, steps=1, text=True)[2]
-    pipe = load_pipeline(str(tiny_folder))
+    family, folder, objs = family_case
+    adapter = train(objs, steps=1, text=True)[2]
+    pipe = load_pipeline(str(folder))
     expected = {kohya_name(r.prefix, p) for r in DiffusersDenoiser(pipe).adapter_roots() for p in r.paths}
     expected |= {kohya_name(r.prefix, p) for r in DiffusersTextEncoder(pipe).adapter_roots() for p in r.paths}
     assert set(adapter.weights) == expected
+    text_prefixes = {k.split("_text_model_")[0] for k in adapter.weights if not k.startswith("lora_unet_")}
+    assert text_prefixes == ({"lora_te1", "lora_te2"} if family == "sdxl" else {"lora_te"})
 
 
-def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(tiny_objects, loras_dir, comfy_nodes):
+def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(family_case, loras_dir, comfy_nodes):
     import folder_paths
 
     from fewshot_personalize.nodes.apply_adapter import ApplyAdapter
     from fewshot_personalize.nodes.save_adapter import SaveAdapter
 
-    m, c, v = tiny_objects
-    out_m, out_c, adapter, _, _ = train(tiny_objects, text=True)
+    _, _, objs = family_case
+    m, c, v = objs
+    out_m, out_c, adapter, _, _ = train(objs, text=True)
     name = SaveAdapter.execute(adapter, "fewshot/concept", False).args[0]
     assert name == "fewshot/concept.safetensors" and (loras_dir / name).is_file()
     assert name in folder_paths.get_filename_list("loras")  # listed without a restart
     stock_m, stock_c = comfy_nodes.LoraLoader().load_lora(m, c, name, 1.0, 1.0)
     assert torch.allclose(denoise(stock_m), denoise(out_m), atol=1e-5)
     assert torch.allclose(encode(stock_c), encode(out_c), atol=1e-5)
+    assert not torch.allclose(denoise(stock_m), denoise(m)) and not torch.allclose(encode(stock_c), encode(c))
     # our Apply node from the file and from the in-graph adapter agree as well
     file_m, file_c = ApplyAdapter.execute(m, name, 1.0, 1.0, clip=c).args
     graph_m, _ = ApplyAdapter.execute(m, "(use the adapter input)", 1.0, 1.0, clip=c, adapter=adapter).args
@@ -184,6 +224,30 @@ def test_apply_refuses_corrupt_foreign_and_other_family_files(tiny_objects, lora
         with pytest.raises(ValueError, match=pattern):
             ApplyAdapter.execute(m, f"{name}.safetensors", 1.0, 1.0, clip=c)
     assert "not in models/loras" in ApplyAdapter.validate_inputs(lora_name="missing.safetensors")
+
+
+def test_apply_refuses_an_adapter_of_the_other_family(tiny_objects, tiny_sdxl_objects, loras_dir):
+    """SDXL adapters on the SD1 model and SD1 adapters on the SDXL model are refused by name, in-graph and from
+    a file; a file without our metadata is refused by its layers."""
+    from safetensors.torch import load_file, save_file
+
+    from fewshot_personalize.nodes.apply_adapter import ApplyAdapter
+    from fewshot_personalize.nodes.save_adapter import SaveAdapter
+
+    for (src, src_family), (dst, dst_family) in [((tiny_sdxl_objects, "sdxl"), (tiny_objects, "sd1")),
+                                                 ((tiny_objects, "sd1"), (tiny_sdxl_objects, "sdxl"))]:
+        adapter = train(src, steps=1, text=True)[2]
+        name = SaveAdapter.execute(adapter, f"from_{src_family}", False).args[0]
+        message = f"trained for a {src_family} model, but this model is {dst_family}"
+        m, c, _ = dst
+        with pytest.raises(ValueError, match=message):
+            ApplyAdapter.execute(m, "(use the adapter input)", 1.0, 1.0, clip=c, adapter=adapter)
+        with pytest.raises(ValueError, match=message):
+            ApplyAdapter.execute(m, name, 1.0, 1.0, clip=c)
+        save_file(load_file(str(loras_dir / name)), str(loras_dir / f"bare_{src_family}.safetensors"))
+        with pytest.raises(ValueError, match="layers this model does not have"):
+            ApplyAdapter.execute(m, f"bare_{src_family}.safetensors", 1.0, 1.0, clip=c)
+        assert_clean(m, c)
 
 
 def test_cancel_mid_training_leaves_no_patch_and_resumes(tiny_objects, loras_dir):
