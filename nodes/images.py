@@ -3,7 +3,7 @@
 Policy for training images of any size: scale the shorter side to the training resolution, then centre-crop a
 square (the same policy as the command line, ``kernels.images.resize_center_crop``). A mask is cropped the same
 way as its image; a mask whose size differs from its image is first resized to the image's size (bilinear),
-and the node says so in the log.
+and the node says so in the log and in its UI text (``notes``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def resize_center_crop(x: torch.Tensor, resolution: int, mode: str = "bicubic") 
     return x[..., top:top + resolution, left:left + resolution]
 
 
-def images_to_training(images: list[torch.Tensor], resolution: int) -> torch.Tensor:
-    """ComfyUI IMAGE batches ([B,H,W,C] in 0..1, any sizes) → one tensor [N,3,R,R] in [-1,1]."""
+def images_to_training(images: list[torch.Tensor], resolution: int, notes: list[str] | None = None) -> torch.Tensor:
+    """ComfyUI IMAGE batches ([B,H,W,C] in 0..1, any sizes) → one tensor [N,3,R,R] in [-1,1]. Each batch whose
+    size is not R×R adds a line to ``notes`` saying how it was scaled and cropped."""
     out = []
     for batch in images:
         if batch is None:
@@ -43,6 +44,10 @@ def images_to_training(images: list[torch.Tensor], resolution: int) -> torch.Ten
         if batch.ndim != 4 or batch.shape[-1] not in (1, 3, 4):
             raise UserInputError(f"expected IMAGE batches [B,H,W,3], got shape {tuple(batch.shape)}")
         x = batch[..., :3].movedim(-1, 1).float()
+        h, w = x.shape[-2:]
+        if notes is not None and (h, w) != (resolution, resolution):
+            action = "centre-cropped" if min(h, w) == resolution else f"scaled (shorter side to {resolution}) and centre-cropped"
+            notes.append(f"{x.shape[0]} image(s) of {w}x{h} {action} to {resolution}x{resolution}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         out.append(resize_center_crop(x, resolution).clamp(0, 1) * 2 - 1)
@@ -51,11 +56,12 @@ def images_to_training(images: list[torch.Tensor], resolution: int) -> torch.Ten
     return torch.cat(out)
 
 
-def masks_to_training(masks: list[torch.Tensor], images: list[torch.Tensor], resolution: int) -> torch.Tensor:
+def masks_to_training(masks: list[torch.Tensor], images: list[torch.Tensor], resolution: int,
+                      notes: list[str] | None = None) -> torch.Tensor:
     """MASK inputs ([B,H,W] or [H,W], 0..1) → [N,1,R,R], one per training image.
 
     One mask may serve all images, or give one per image. A mask whose size differs from its image is resized to
-    the image first (and a warning says so); then both get the same crop.
+    the image first (a warning in the log and a line in ``notes`` say so); then both get the same crop.
     """
     sizes = [tuple(b.shape[-3:-1]) if b.ndim == 4 else tuple(b.shape[:2]) for b in images for _ in range(b.shape[0] if b.ndim == 4 else 1)]
     flat = []
@@ -76,8 +82,11 @@ def masks_to_training(masks: list[torch.Tensor], images: list[torch.Tensor], res
     for i, (m, size) in enumerate(zip(flat, sizes)):
         m = m[None, None]
         if tuple(m.shape[-2:]) != size:
-            log.warning("mask %d is %dx%d but its image is %dx%d: resizing the mask to the image",
-                        i, m.shape[-1], m.shape[-2], size[1], size[0])
+            msg = (f"mask {i} is {m.shape[-1]}x{m.shape[-2]} but its image is {size[1]}x{size[0]}: "
+                   "resizing the mask to the image")
+            log.warning(msg)
+            if notes is not None:
+                notes.append(msg)
             m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         out.append(resize_center_crop(m, resolution, mode="bilinear").clamp(0, 1))
     return torch.cat(out)

@@ -14,7 +14,7 @@ import comfy.sample
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..kernels.errors import TrainingDiverged, UserInputError
 from ..kernels.lora_format import lora_metadata
@@ -134,9 +134,11 @@ class TrainConcept(io.ComfyNode):
         resolution = _first(resolution)
         name = (_first(checkpoint_name, "") or "").strip()
         preview_steps = _first(preview_steps, 20)
-        pixels = images_to_training(images, resolution)
-        masks = masks_to_training(mask, images, resolution) if mask and any(m is not None for m in mask) else None
-        cls_pixels = images_to_training(class_images, resolution) if class_images and any(c is not None for c in class_images) else None
+        notes: list[str] = []  # what was done to the inputs, shown in the node's UI text
+        pixels = images_to_training(images, resolution, notes)
+        masks = masks_to_training(mask, images, resolution, notes) if mask and any(m is not None for m in mask) else None
+        cls_pixels = (images_to_training(class_images, resolution, notes)
+                      if class_images and any(c is not None for c in class_images) else None)
         if cls_pixels is not None and not class_prompt:
             raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
         cfg = TrainConfig(
@@ -176,5 +178,8 @@ class TrainConcept(io.ComfyNode):
             preview = sample_preview(out_model, out_clip, vae, cfg.instance_prompt, cfg.seed, preview_steps, resolution)
         else:
             preview = torch.zeros(1, 64, 64, 3)
-        log.info("trained %d steps in %.1f s (%d adapted layers)", result.steps, result.seconds, len(weights))
-        return io.NodeOutput(out_model, out_clip, adapter, losses, preview)
+        summary = (f"trained {result.steps} steps in {result.seconds:.1f} s, {len(weights)} adapted layers, "
+                   f"final loss {sum(result.losses[-10:]) / len(result.losses[-10:]):.4f} (mean of last "
+                   f"{len(result.losses[-10:])})")
+        log.info(summary)
+        return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([summary, *notes])))

@@ -297,11 +297,20 @@ def test_bad_inputs_give_clear_messages(tiny_objects, loras_dir):
 
 
 def test_images_of_different_sizes_and_mask_of_wrong_size_are_resized(tiny_objects, loras_dir, caplog):
-    m, c, _ = tiny_objects
+    from fewshot_personalize.nodes.train import TrainConcept
+
+    m, c, v = tiny_objects
     imgs = [images(2, 48, 64, seed=1), images(1, 40, 32, seed=2)]
-    with caplog.at_level("WARNING"):
-        out = train(tiny_objects, steps=1, imgs=imgs, mask=torch.ones(1, 10, 12))
-    assert out[2].weights and "resizing the mask" in caplog.text
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        result = TrainConcept.execute([m], [c], [v], imgs, ["a photo of sks toy"], [1], [1e-3], [4], [False], [RES],
+                                      [1], [0], mask=[torch.ones(1, 10, 12)], preview_steps=[0])
+    assert result.args[2].weights and "resizing the mask" in caplog.text
+    text = result.ui.as_dict()["text"][0]  # what the node shows in the UI
+    assert text.startswith("trained 1 steps")
+    assert f"2 image(s) of 64x48 scaled (shorter side to {RES}) and centre-cropped to {RES}x{RES}" in text
+    assert f"1 image(s) of 32x40 centre-cropped to {RES}x{RES}" in text  # shorter side already 32: crop only
+    assert "mask 0 is 12x10 but its image is 64x48: resizing the mask to the image" in text
+    assert "mask 2 is 12x10 but its image is 32x40" in text
     assert_clean(m, c)
 
 
