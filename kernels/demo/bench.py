@@ -70,7 +70,7 @@ def summarise(runs: list[dict], refs: list[dict]) -> dict:
 def markdown(record: dict) -> str:
     s = record["summary"]
     lines = [f"Demo-world quality benchmark: {len(record['concepts'])} concepts × 13 held-out prompts × 2 images × "
-             f"{record['seeds']} seeds per row; mean ± std over concept×seed runs. {record['machine']}, torch "
+             f"{record['seeds']} seed(s) per row; mean ± std over concept×seed runs. {record['machine']}, torch "
              f"{record['torch']}, {record['date']}, {record['seconds'] / 60:.0f} min in all.",
              "",
              "| method | subject fidelity ↑ | prompt fidelity ↑ | class-prior drift ↓ | diversity ↑ | train s |",
