@@ -50,3 +50,25 @@ def test_pretraining_smoke(tmp_path):
     assert pipe.vae.config.scaling_factor == pytest.approx(rec["latent_scaling_factor"])
     assert json.loads((tmp_path / "m" / "pretrain_log.json").read_text())["seed"] == 0
     assert torch.isfinite(next(pipe.unet.parameters())).all()
+
+
+def test_pretraining_resumes_a_pretrained_folder_in_place(tmp_path):
+    from safetensors.torch import load_file
+
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    first = pretrain(tmp_path / "m", n_images=32, vae_steps=1, unet_minutes=0.02, threads=2)
+    vae_before = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
+    unet_before = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+    rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0.02, threads=2, resume_from=tmp_path / "m")
+    assert rec["resumed_from"] == str(tmp_path / "m") and rec["seed"] != first["seed"]
+    assert rec["latent_scaling_factor"] == pytest.approx(first["latent_scaling_factor"])
+    log = json.loads((tmp_path / "m" / "pretrain_log.json").read_text())
+    assert log["earlier"][0]["unet"]["steps"] == first["unet"]["steps"] and log["unet"]["steps"] >= 1
+    vae_after = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
+    unet_after = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)  # the VAE is kept
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)  # the UNet trained on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
+    with pytest.raises(FileNotFoundError, match="not a pretrained demo model"):
+        pretrain(tmp_path / "x", n_images=8, unet_minutes=0.01, resume_from=tmp_path / "nothing")

@@ -7,7 +7,9 @@ then full 64×64 images); (3) encode the data set once and train the UNet and th
 2022), an EMA copy of the weights (decay 0.999) that is what gets saved.
 
 Run: ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--seed 0] [--vae-steps 600]
-[--unet-minutes 45]``. The log (seed, sizes, steps, times, losses) is written beside the weights.
+[--unet-minutes 45] [--resume-from DIR]``. The log (seed, sizes, steps, times, losses) is written beside the
+weights; ``--resume-from`` continues the UNet + text-encoder stage of a pretrained folder (the shipped one
+included, ``--out`` may be the same folder), keeping its VAE and the earlier logs.
 """
 
 from __future__ import annotations
@@ -145,8 +147,26 @@ def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions
             ema_unet, ema_text)
 
 
+def load_for_resume(folder: str | Path):
+    """(UNet, VAE, text encoder, tokenizer, DDPM schedule, earlier log) of a pretrained demo-model folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    log_path = folder / "pretrain_log.json"
+    if not log_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a pretrained demo model (no pretrain_log.json)")
+    return (UNet2DConditionModel.from_pretrained(folder / "unet"), AutoencoderKL.from_pretrained(folder / "vae"),
+            CLIPTextModel.from_pretrained(folder / "text_encoder"), CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+            DDPMScheduler.from_pretrained(folder / "scheduler"), json.loads(log_path.read_text()))
+
+
 def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 600,
-             unet_minutes: float = 45, threads: int = 2) -> dict:
+             unet_minutes: float = 45, threads: int = 2, resume_from: str | Path | None = None) -> dict:
+    """Pretrain from scratch, or with ``resume_from`` continue the UNet + text-encoder stage of a pretrained
+    folder for ``unet_minutes`` more (its VAE and latent scale are kept; the earlier logs are kept under
+    ``"earlier"``). The folder is written beside ``out_dir`` and renamed into place, so an interrupted run never
+    leaves a half-written model."""
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(threads)
@@ -154,17 +174,29 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
     record = {"seed": seed, "n_images": n_images, "holdout": list(HOLDOUT), "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor()}", "threads": threads,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    images, captions, _ = render_dataset(n_images, seed)
+    earlier = None
+    if resume_from is not None:
+        unet, vae, text, tokenizer, scheduler, earlier = load_for_resume(resume_from)
+        seed = int(earlier.get("seed", seed)) + 1000 * (1 + len(earlier.get("earlier", [])))  # fresh batches and noise
+        record["resumed_from"], record["seed"] = str(resume_from), seed
+    images, captions, _ = render_dataset(n_images, seed if earlier is None else int(earlier.get("seed", 0)))
     record["render_seconds"] = time.perf_counter() - t0
     log.info("rendered %d scenes in %.0f s", n_images, record["render_seconds"])
-    with tempfile.TemporaryDirectory() as tok_dir:
-        unet, vae, text, tokenizer, scheduler = build_untrained(tok_dir, seed)
-        record["vae"] = train_vae(vae, images, vae_steps, seed)
-        record["vae"]["held_out_reconstruction"] = reconstruction_check(vae, seed)
-        log.info("vae held-out reconstruction %s", record["vae"]["held_out_reconstruction"])
-        mean = encode_all(vae, images)
-        scale = float(1.0 / mean.std())
-        vae.register_to_config(scaling_factor=scale)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tok_dir, tempfile.TemporaryDirectory(dir=out_dir.parent) as staging:
+        if earlier is None:
+            unet, vae, text, tokenizer, scheduler = build_untrained(tok_dir, seed)
+            record["vae"] = train_vae(vae, images, vae_steps, seed)
+            record["vae"]["held_out_reconstruction"] = reconstruction_check(vae, seed)
+            log.info("vae held-out reconstruction %s", record["vae"]["held_out_reconstruction"])
+            mean = encode_all(vae, images)
+            scale = float(1.0 / mean.std())
+            vae.register_to_config(scaling_factor=scale)
+        else:
+            vae.eval()
+            mean, scale = encode_all(vae, images), float(vae.config.scaling_factor)
+            record["vae"] = {"kept_from": str(resume_from)}
         record["latent_scaling_factor"] = scale
         unet_stats, ema_unet, ema_text = train_unet(unet, text, tokenizer, scheduler, mean * scale, captions,
                                                     unet_minutes, seed)
@@ -172,11 +204,16 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(str(out_dir), safe_serialization=True)
-    record["total_seconds"] = time.perf_counter() - t0
-    (out_dir / "pretrain_log.json").write_text(json.dumps(record, indent=1))
+        new = Path(staging) / "model"
+        pipe.save_pretrained(str(new), safe_serialization=True)
+        record["total_seconds"] = time.perf_counter() - t0
+        if earlier is not None:
+            record["earlier"] = [*earlier.pop("earlier", []), earlier]
+        (new / "pretrain_log.json").write_text(json.dumps(record, indent=1))
+        old = Path(staging) / "old"
+        if out_dir.exists():
+            out_dir.rename(old)
+        new.rename(out_dir)
     return record
 
 
@@ -188,10 +225,12 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-minutes", type=float, default=45)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume-from", help="continue the UNet + text-encoder stage of this pretrained model folder "
+                                          "(e.g. the shipped one) for --unet-minutes more")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rec = pretrain(a.out, seed=a.seed, n_images=a.images, vae_steps=a.vae_steps, unet_minutes=a.unet_minutes,
-                   threads=a.threads)
+                   threads=a.threads, resume_from=a.resume_from)
     log.info("done in %.0f s → %s", rec["total_seconds"], a.out)
 
 
