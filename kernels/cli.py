@@ -175,9 +175,8 @@ def cmd_train(a) -> int:
     save_lora_file(out, result.adapter, meta, overwrite=a.overwrite or a.resume)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
-    tail = sum(result.losses[-10:]) / len(result.losses[-10:])
     print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.seconds / max(1, result.steps):.3f} s/step), "
-          f"final loss {tail:.4f} (mean of last {len(result.losses[-10:])}) → {out}")
+          f"final loss {result.final_loss()} → {out}")
     return 0
 
 

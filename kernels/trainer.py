@@ -54,6 +54,11 @@ class TrainResult:
     seconds: float
     prior_losses: list[float] = field(default_factory=list)
 
+    def final_loss(self, last: int = 10) -> str:
+        """``"0.1234 (mean of last 10)"``: the loss to report at the end of a run (one step's loss is noise)."""
+        tail = self.losses[-last:]
+        return f"{sum(tail) / len(tail):.4f} (mean of last {len(tail)})"
+
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     """The generator of one micro-batch: a pure function of (seed, step, micro)."""

@@ -93,8 +93,9 @@ def unet_config_from_diffusers(cfg: dict) -> dict:
     if cfg.get("class_embed_type") or added not in (None, "text_time"):
         raise UserInputError(f"UNets with added conditioning {added or cfg.get('class_embed_type')!r} are not "
                              "supported by this loader (only none, or SDXL's 'text_time')")
-    if added and not cfg.get("projection_class_embeddings_input_dim"):
-        raise UserInputError("a 'text_time' UNet config without projection_class_embeddings_input_dim")
+    for key in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        if added and not cfg.get(key):
+            raise UserInputError(f"a 'text_time' UNet config without {key}")
     boc = list(cfg["block_out_channels"])
     levels = len(boc)
     if any(c % boc[0] for c in boc):
@@ -179,13 +180,11 @@ def _model_config(unet_config: dict, sched: dict, scaling_factor: float, time_em
     return cfg
 
 
-def load_unet(folder: Path, scaling_factor: float):
-    cfg = _read_json(folder / "unet" / "config.json")
+def load_unet(folder: Path, cfg: dict, scaling_factor: float):
+    """MODEL of the folder's UNet (``cfg``: its diffusers config)."""
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     unet_config = unet_config_from_diffusers(cfg)
-    time_dim = cfg.get("addition_time_embed_dim") if cfg.get("addition_embed_type") == "text_time" else None
-    if cfg.get("addition_embed_type") == "text_time" and not time_dim:
-        raise UserInputError(f"{folder}: a 'text_time' UNet config without addition_time_embed_dim")
+    time_dim = cfg["addition_time_embed_dim"] if cfg.get("addition_embed_type") == "text_time" else None
     model_config = _model_config(unet_config, sched, scaling_factor, time_dim)
     sd = _read_weights(folder / "unet")
     table = comfy.utils.unet_to_diffusers(model_config.unet_config)
@@ -372,7 +371,7 @@ def load_diffusers_folder(folder: str | os.PathLike, embedding_directory=None):
             raise UserInputError(f"{folder}: the text encoders ({widths[0]} + {widths[1]} wide, pooled {pooled}) do not "
                                  f"match the UNet (context {unet_cfg['cross_attention_dim']}, added conditioning "
                                  f"{unet_cfg.get('projection_class_embeddings_input_dim')})")
-    model = load_unet(folder, scaling)
+    model = load_unet(folder, unet_cfg, scaling)
     clip = (load_sdxl_clip if sdxl else load_clip)(folder, embedding_directory)
     vae = load_vae(folder)
     return model, clip, vae

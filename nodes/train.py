@@ -179,7 +179,6 @@ class TrainConcept(io.ComfyNode):
         else:
             preview = torch.zeros(1, 64, 64, 3)
         summary = (f"trained {result.steps} steps in {result.seconds:.1f} s, {len(weights)} adapted layers, "
-                   f"final loss {sum(result.losses[-10:]) / len(result.losses[-10:]):.4f} (mean of last "
-                   f"{len(result.losses[-10:])})")
+                   f"final loss {result.final_loss()}")
         log.info(summary)
         return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([summary, *notes])))

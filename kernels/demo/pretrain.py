@@ -174,12 +174,14 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
     record = {"seed": seed, "n_images": n_images, "holdout": list(HOLDOUT), "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor()}", "threads": threads,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    earlier = None
+    earlier, data_seed = None, seed
     if resume_from is not None:
         unet, vae, text, tokenizer, scheduler, earlier = load_for_resume(resume_from)
-        seed = int(earlier.get("seed", seed)) + 1000 * (1 + len(earlier.get("earlier", [])))  # fresh batches and noise
+        data_seed = int(earlier.get("data_seed", earlier["seed"]))  # the same scenes as the first run
+        seed = data_seed + 1000 * (1 + len(earlier.get("earlier", [])))  # fresh batches and noise
         record["resumed_from"], record["seed"] = str(resume_from), seed
-    images, captions, _ = render_dataset(n_images, seed if earlier is None else int(earlier.get("seed", 0)))
+    record["data_seed"] = data_seed
+    images, captions, _ = render_dataset(n_images, data_seed)
     record["render_seconds"] = time.perf_counter() - t0
     log.info("rendered %d scenes in %.0f s", n_images, record["render_seconds"])
     out_dir = Path(out_dir)
