@@ -42,8 +42,9 @@ def test_demo_command_ci_sized(tmp_path, capsys):
 def test_pretraining_smoke(tmp_path):
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 
-    rec = pretrain(tmp_path / "m", n_images=48, vae_steps=2, unet_minutes=0.03, threads=2)
+    rec = pretrain(tmp_path / "m", n_images=48, vae_steps=2, unet_minutes=0.03, threads=2, decoder_steps=2)
     assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
+    assert rec["vae"]["decoder_finetune"]["steps"] == 2
     check = rec["vae"]["held_out_reconstruction"]
     assert 0 < check["mse"] < 10 and check["images"] > 0 and check["object_mse"] > 0
     pipe = load_pipeline(str(tmp_path / "m"))
@@ -57,7 +58,7 @@ def test_pretraining_resumes_a_pretrained_folder_in_place(tmp_path):
 
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 
-    first = pretrain(tmp_path / "m", n_images=32, vae_steps=1, unet_minutes=0.02, threads=2)
+    first = pretrain(tmp_path / "m", n_images=32, vae_steps=1, unet_minutes=0.02, threads=2, decoder_steps=1)
     vae_before = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
     unet_before = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
     rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0.02, threads=2, resume_from=tmp_path / "m")
@@ -70,5 +71,13 @@ def test_pretraining_resumes_a_pretrained_folder_in_place(tmp_path):
     assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)  # the VAE is kept
     assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)  # the UNet trained on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
+
+    # decoder fine-tuning on a resumed model: the encoder (the UNet's latent space) is untouched
+    rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0, threads=2, resume_from=tmp_path / "m",
+                   decoder_steps=2)
+    assert rec["unet"]["steps"] == 0 and rec["vae"]["decoder_finetune"]["steps"] == 2
+    vae_tuned = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae_after[k], vae_tuned[k]) for k in vae_after if not k.startswith(("decoder.", "post_quant")))
+    assert any(not torch.equal(vae_after[k], vae_tuned[k]) for k in vae_after if k.startswith("decoder."))
     with pytest.raises(FileNotFoundError, match="not a pretrained demo model"):
         pretrain(tmp_path / "x", n_images=8, unet_minutes=0.01, resume_from=tmp_path / "nothing")
