@@ -71,6 +71,7 @@ def test_pretraining_resumes_a_pretrained_folder_in_place(tmp_path):
     assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)  # the VAE is kept
     assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)  # the UNet trained on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
+    assert not any("_name_or_path" in json.loads(c.read_text()) for c in (tmp_path / "m").glob("*/config.json"))
 
     # decoder fine-tuning on a resumed model: the encoder (the UNet's latent space) is untouched
     rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0, threads=2, resume_from=tmp_path / "m",

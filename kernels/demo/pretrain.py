@@ -1,15 +1,16 @@
 """Pretrain the demo base model on the demo world, on a CPU (DESIGN.md "The demo model").
 
 Three stages, each with a time budget: (1) render a captioned data set of world scenes (hold-out caption
-combinations excluded, model.HOLDOUT); (2) train the VAE (reconstruction + a small KL term, on 32×32 crops,
-then full 64×64 images), then fine-tune its decoder alone with object pixels weighted ×5 (the encoder, hence the
-latent space, frozen; small objects otherwise lose their colour); (3) encode the data set once and train the UNet and the text encoder jointly with the
+combinations excluded, model.HOLDOUT); (2) train the VAE (reconstruction + a small KL term, on 16×16 and 32×32
+crops, then full 64×64 images), then fine-tune its decoder alone with object pixels weighted ×5 (the encoder,
+hence the latent space, frozen; small objects otherwise lose their colour); (3) encode the data set once and
+train the UNet and the text encoder jointly with the
 ε-prediction DDPM loss (Ho et al. 2020 eq. 14), 10 % empty captions for classifier-free guidance (Ho & Salimans
 2022), an EMA copy of the weights (decay 0.999) that is what gets saved.
 
 Run: ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--seed 0] [--vae-steps 600]
-[--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR]``. The log (seed, sizes, steps, times, losses) is written beside the
-weights; ``--resume-from`` continues the UNet + text-encoder stage of a pretrained folder (the shipped one
+[--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR]``. The log (seed, sizes, steps, times, losses)
+is written beside the weights; ``--resume-from`` continues the UNet + text-encoder stage of a pretrained folder (the shipped one
 included, ``--out`` may be the same folder), keeping its VAE (``--decoder-steps N`` fine-tunes its decoder) and
 the earlier logs.
 """
@@ -54,6 +55,12 @@ def _to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _pixel_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L1 + squared error of a reconstruction."""
+    d = rec - x
+    return d.abs() + d ** 2
+
+
 def train_vae(vae, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 1e-3) -> dict:
     """Reconstruction (L1 + MSE) + 1e-6·KL. The VAE is fully convolutional, so most steps use random crops
     (70 % 16×16, 20 % 32×32: 16× and 4× cheaper), the last 10 % full 64×64 images."""
@@ -71,7 +78,7 @@ def train_vae(vae, images: np.ndarray, steps: int, seed: int, batch: int = 32, l
             x = x[:, :, oy:oy + crop, ox:ox + crop]
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-6 * dist.kl().mean()
+        loss = _pixel_error(rec, x).mean() + 1e-6 * dist.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,8 +109,7 @@ def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, latents: torch.
         idx = g.integers(0, len(images), batch)
         x = _to_pixels(images[idx])
         w = 1.0 + object_weight * torch.from_numpy(masks[idx]).float().unsqueeze(1)
-        d = vae.decode(latents[torch.from_numpy(idx)]).sample - x
-        loss = (w * (d.abs() + d ** 2)).mean()
+        loss = (w * _pixel_error(vae.decode(latents[torch.from_numpy(idx)]).sample, x)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,8 +120,7 @@ def finetune_decoder(vae, images: np.ndarray, masks: np.ndarray, latents: torch.
     for p in vae.parameters():
         p.requires_grad_(False)
     return {"steps": steps, "seconds": time.perf_counter() - start, "batch": batch, "object_weight": object_weight,
-            "loss_first50": float(np.mean(losses[:50])) if losses else None,
-            "loss_last50": float(np.mean(losses[-50:])) if losses else None}
+            "loss_first50": float(np.mean(losses[:50])), "loss_last50": float(np.mean(losses[-50:]))}
 
 
 @torch.no_grad()
@@ -198,6 +203,15 @@ def load_for_resume(folder: str | Path):
             DDPMScheduler.from_pretrained(folder / "scheduler"), json.loads(log_path.read_text()))
 
 
+def _drop_local_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` (the folder a resumed model was loaded from) from the saved component configs,
+    so a shipped model carries no path of the machine it was trained on."""
+    for cfg_path in folder.glob("*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 600,
              unet_minutes: float = 45, threads: int = 2, resume_from: str | Path | None = None,
              decoder_steps: int | None = None) -> dict:
@@ -213,6 +227,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
     record = {"seed": seed, "n_images": n_images, "holdout": list(HOLDOUT), "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor()}", "threads": threads,
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if decoder_steps is None:
+        decoder_steps = 0 if resume_from is not None else 1200
     earlier, data_seed = None, seed
     if resume_from is not None:
         unet, vae, text, tokenizer, scheduler, earlier = load_for_resume(resume_from)
@@ -238,8 +254,6 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
             vae.eval()
             mean, scale = encode_all(vae, images), float(vae.config.scaling_factor)
             record["vae"] = {"kept_from": str(resume_from)}
-        if decoder_steps is None:
-            decoder_steps = 0 if earlier is not None else 1200
         if decoder_steps > 0:
             record["vae"]["decoder_finetune"] = finetune_decoder(vae, images, masks, mean, decoder_steps, seed)
             record["vae"]["decoder_finetune"]["held_out_reconstruction"] = reconstruction_check(vae, seed)
@@ -254,6 +268,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
                                        requires_safety_checker=False)
         new = Path(staging) / "model"
         pipe.save_pretrained(str(new), safe_serialization=True)
+        _drop_local_paths(new)
         record["total_seconds"] = time.perf_counter() - t0
         if earlier is not None:
             record["earlier"] = [*earlier.pop("earlier", []), earlier]
