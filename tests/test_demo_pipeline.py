@@ -28,6 +28,23 @@ def test_demo_model_loads_and_samples():
 
 
 @needs_demo
+def test_vae_round_trip_keeps_world_renders_close():
+    import numpy as np
+
+    from fewshot_personalize.kernels.demo import world
+    from fewshot_personalize.kernels.demo.experiment import vae_round_trip
+
+    rng = np.random.default_rng(5)
+    images = [world.render(world.sample_scene(rng, n_objects=1))[0] for _ in range(4)]
+    back = vae_round_trip(load_pipeline("demo"), images)
+    assert [im.size for im in back] == [im.size for im in images]
+    error = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255 for a, b in zip(back, images)]
+    swapped = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255
+               for a, b in zip(back, images[1:] + images[:1])]
+    assert max(error) < 0.08 and max(error) < min(swapped) / 2, (error, swapped)
+
+
+@needs_demo
 def test_demo_command_ci_sized(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 0

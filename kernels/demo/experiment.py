@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from ..generate import generate_images, use_sampler
-from ..images import pil_to_tensor
+from ..images import pil_to_tensor, tensor_to_pil
 from ..lora import detach_lora
 from ..train_config import TrainConfig
 from ..trainer import DreamBoothLoraTrainer, TrainData, TrainResult
@@ -116,14 +116,24 @@ def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2) 
     }
 
 
-def reference_score(evaluator, concept: str, seed: int) -> dict:
-    """The ceiling: ideal renders of the concept for each held-out prompt, scored like generated images."""
+def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """Encode and decode through the model's VAE: the best any UNet on this model could draw these images."""
+    with torch.no_grad():
+        latents = pipe.vae.encode(pil_to_tensor(images)).latent_dist.mean
+        return tensor_to_pil(pipe.vae.decode(latents).sample)
+
+
+def reference_score(evaluator, concept: str, seed: int, pipe=None) -> dict:
+    """The ceiling: ideal renders of the concept for each held-out prompt, scored like generated images; with
+    ``pipe``, the renders pass through its VAE first (the ceiling of this model)."""
     c = get_concept(concept)
     refs = reference_images(c, seed=seed)
     ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
     sf, pf = [], []
     for k, spec in enumerate(prompt_specs(c)):
         imgs = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(2)]
+        if pipe is not None:
+            imgs = vae_round_trip(pipe, imgs)
         sf.append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
         pf.append(evaluator.prompt_fidelity(imgs, spec.expected(c.cls)))
     return {"subject_fidelity": float(np.mean(sf)), "prompt_fidelity": float(np.mean(pf))}

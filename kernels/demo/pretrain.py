@@ -9,7 +9,7 @@ train the UNet and the text encoder jointly with the
 2022), an EMA copy of the weights (decay 0.999) that is what gets saved.
 
 Run: ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--seed 0] [--vae-steps 600]
-[--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR]``. The log (seed, sizes, steps, times, losses)
+[--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR] [--cooldown F]``. The log (seed, sizes, steps, times, losses)
 is written beside the weights; ``--resume-from`` continues the UNet + text-encoder stage of a pretrained folder (the shipped one
 included, ``--out`` may be the same folder), keeping its VAE (``--decoder-steps N`` fine-tunes its decoder) and
 the earlier logs.
@@ -139,18 +139,31 @@ def encode_all(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     return torch.cat([vae.encode(_to_pixels(images[i:i + batch])).latent_dist.mean for i in range(0, len(images), batch)])
 
 
+def lr_factor(step: int, progress: float, warmup: int, cooldown: float) -> float:
+    """Warmup-stable-decay multiplier: linear warm-up over ``warmup`` steps, then 1, then a linear decay to 0 over
+    the last ``cooldown`` fraction of the budget (``progress`` = fraction of the budget spent)."""
+    factor = min(1.0, (step + 1) / warmup)
+    if cooldown > 0:
+        factor *= min(1.0, max(0.0, 1.0 - progress) / cooldown)
+    return factor
+
+
 def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions: list[str], minutes: float,
                seed: int, batch: int = 32, lr: float = 5e-4, text_lr: float = 2e-4, ema_decay: float = 0.999,
-               p_uncond: float = 0.1) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
-    """Joint UNet + text-encoder training with the ε loss; returns (stats, EMA UNet, EMA text encoder)."""
+               p_uncond: float = 0.1, cooldown: float = 0.0) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """Joint UNet + text-encoder training with the ε loss; returns (stats, EMA UNet, EMA text encoder).
+
+    Learning rate: 100 warm-up steps, constant, then over the last ``cooldown`` fraction of the time budget a
+    linear decay to zero (the decay phase of a warmup-stable-decay schedule; time-based because the budget
+    is)."""
     g = torch.Generator().manual_seed(seed)
     ids_all = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = ids_all[-1]
     ids_all = ids_all[:-1]
     opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": lr}, {"params": text.parameters(), "lr": text_lr}],
                             weight_decay=1e-2)
-    warmup = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    warmup, budget = 100, max(minutes * 60, 1e-9)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
         p.requires_grad_(False)
@@ -168,13 +181,14 @@ def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions
         t = torch.randint(0, len(ac), (batch,), generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(step, elapsed / budget, warmup, cooldown)
         pred = unet(x_t, t, text(ids)[0]).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
         opt.step()
-        sched.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for m_ema, m in ((ema_unet, unet), (ema_text, text)):
@@ -185,7 +199,8 @@ def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions
         if step % 50 == 0:
             log.info("unet step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), elapsed)
     curve = [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]
-    return ({"steps": step, "seconds": time.perf_counter() - start, "batch": batch, "loss_curve_per_50": curve},
+    return ({"steps": step, "seconds": time.perf_counter() - start, "batch": batch, "lr": lr, "text_lr": text_lr,
+             "cooldown": cooldown, "loss_curve_per_50": curve},
             ema_unet, ema_text)
 
 
@@ -214,11 +229,12 @@ def _drop_local_paths(folder: Path) -> None:
 
 def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 600,
              unet_minutes: float = 45, threads: int = 2, resume_from: str | Path | None = None,
-             decoder_steps: int | None = None) -> dict:
+             decoder_steps: int | None = None, cooldown: float = 0.0) -> dict:
     """Pretrain from scratch, or with ``resume_from`` continue the UNet + text-encoder stage of a pretrained
     folder for ``unet_minutes`` more (its VAE encoder and latent scale are kept; the earlier logs are kept under
     ``"earlier"``). ``decoder_steps`` of object-weighted decoder fine-tuning follow the VAE (default 1,200 from
-    scratch, 0 when resuming). The folder is written beside ``out_dir`` and renamed into place, so an interrupted run never
+    scratch, 0 when resuming); ``cooldown``: the last fraction of the UNet stage's time over which its learning rate
+    decays linearly to zero. The folder is written beside ``out_dir`` and renamed into place, so an interrupted run never
     leaves a half-written model."""
     from diffusers import StableDiffusionPipeline
 
@@ -261,7 +277,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 
                      record["vae"]["decoder_finetune"]["held_out_reconstruction"])
         record["latent_scaling_factor"] = scale
         unet_stats, ema_unet, ema_text = train_unet(unet, text, tokenizer, scheduler, mean * scale, captions,
-                                                    unet_minutes, seed)
+                                                    unet_minutes, seed, cooldown=cooldown)
         record["unet"] = unet_stats
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -292,10 +308,14 @@ def main(argv=None) -> None:
                                           "(e.g. the shipped one) for --unet-minutes more (0: none)")
     ap.add_argument("--decoder-steps", type=int, default=None,
                     help="object-weighted decoder fine-tuning steps (encoder frozen; default 1200, 0 when resuming)")
+    ap.add_argument("--cooldown", type=float, default=0.0,
+                    help="last fraction of the UNet stage's time with the learning rate decaying linearly to 0 "
+                         "(1: the whole stage, e.g. a resumed run that finishes training)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rec = pretrain(a.out, seed=a.seed, n_images=a.images, vae_steps=a.vae_steps, unet_minutes=a.unet_minutes,
-                   threads=a.threads, resume_from=a.resume_from, decoder_steps=a.decoder_steps)
+                   threads=a.threads, resume_from=a.resume_from, decoder_steps=a.decoder_steps,
+                   cooldown=a.cooldown)
     log.info("done in %.0f s → %s", rec["total_seconds"], a.out)
 
 
