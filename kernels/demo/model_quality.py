@@ -4,7 +4,7 @@ Issue 3's bar for the base model: on caption combinations never shown in pretrai
 e.g. "a … kite in the snow", "a purple ball"), the evaluator recognises the requested class, colour and context
 in at least 80 % of the samples. The same numbers on seen combinations and on ideal renders of the same
 captions (the evaluator's own ceiling) are measured beside them, so a gap can be told apart from an evaluator
-weakness. Single-object captions, one sample per caption.
+weakness. Single-object captions, one sample per caption, 80 held-out and 80 seen by default.
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def ideal_renders(captions: list[str], seed: int):
     return out
 
 
-def measure_model_quality(evaluator, generate: Callable[[str, int], object], per_combination: int = 8,
-                          n_seen: int = 40, seed: int = 0) -> dict:
+def measure_model_quality(evaluator, generate: Callable[[str, int], object], per_combination: int = 16,
+                          n_seen: int = 80, seed: int = 0) -> dict:
     """``generate(caption, seed) -> PIL image``. Returns recognition on held-out and seen captions, and on
-    ideal renders of the held-out captions."""
+    ideal renders of the held-out captions. The defaults (80 captions each) put one standard error of a
+    rate near 80 % at about 4.5 points; 40 captions gave 6.3, too coarse to judge an 80 % bar."""
     held = holdout_captions(per_combination, seed)
     seen = seen_captions(n_seen, seed)
     held_imgs = [generate(c, seed * 10_000 + i) for i, c in enumerate(held)]
