@@ -36,8 +36,8 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
     base_quality = measure_model_quality(ev, lambda caption, seed: sample(pipe, caption, 1, seed)[0])
     log.info("base model recognition on held-out captions: %s", base_quality["held_out"])
     runs: list[dict] = []
-    refs = [reference_score(ev, c, s) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
-    vae_refs = [reference_score(ev, c, s, pipe) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
+    refs = [reference_score(ev, c, s, pipe) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
+    vae_refs = [r.pop("through_vae") | {"concept": r["concept"], "seed": r["seed"]} for r in refs]
     jobs = [(m, c, s) for m in methods for c in concepts for s in range(seeds)]
     for m, c, s in tqdm(jobs, desc="bench", unit="run"):
         result = personalize(pipe, c, m, s)
@@ -62,15 +62,16 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
 REFERENCES, THROUGH_VAE = "references (ceiling)", "references through the model's VAE (ceiling of this model)"
 
 
+def _mean_std(rows: list[dict], keys) -> dict[str, tuple[float, float]]:
+    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+
+
 def summarise(runs: list[dict], refs: list[dict], vae_refs: list[dict] | None = None) -> dict:
-    out = {}
-    for name in dict.fromkeys(r["method"] for r in runs):
-        rows = [r for r in runs if r["method"] == name]
-        out[name] = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in METRICS}
+    out = {name: _mean_std([r for r in runs if r["method"] == name], METRICS)
+           for name in dict.fromkeys(r["method"] for r in runs)}
     for name, rows in ((REFERENCES, refs), (THROUGH_VAE, vae_refs or [])):
         if rows:
-            out[name] = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows])))
-                         for k in ("subject_fidelity", "prompt_fidelity")}
+            out[name] = _mean_std(rows, ("subject_fidelity", "prompt_fidelity"))
     return out
 
 

@@ -181,8 +181,9 @@ def train_unet(unet, text, tokenizer, scheduler, latents: torch.Tensor, captions
         t = torch.randint(0, len(ac), (batch,), generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        factor = lr_factor(step, elapsed / budget, warmup, cooldown)
         for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * lr_factor(step, elapsed / budget, warmup, cooldown)
+            group["lr"] = base * factor
         pred = unet(x_t, t, text(ids)[0]).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
