@@ -125,11 +125,11 @@ def chart(summary: dict):
 
     metrics = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
     names = list(summary)
-    w, h, left, bottom = 900, 380, 40, 120
+    w, h, left, bottom = 900, 400, 40, 140
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     font = _font(11)
-    colours = [(120, 120, 120), (230, 140, 60), (60, 140, 220), (200, 90, 160), (40, 160, 90), (20, 20, 20)]
+    colours = [(120, 120, 120), (230, 140, 60), (60, 140, 220), (200, 90, 160), (40, 160, 90), (20, 20, 20), (150, 150, 40)]
     group = (w - left - 20) / len(metrics)
     bar = group / (len(names) + 1)
     d.line([(left, h - bottom), (w - 10, h - bottom)], fill="black")
