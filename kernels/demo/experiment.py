@@ -34,17 +34,17 @@ class Method:
     prior: bool = False
     text: bool = False
     rank: int = 4
-    lr: float = 1e-3
-    text_lr: float = 5e-4
+    lr: float = 3e-3  # 400 steps at 3e-3 beat 200 at 1e-3 (subject fidelity 0.556 vs 0.464, same drift; README)
+    text_lr: float = 1.5e-3
     n_class: int = 16
 
 
 METHODS = (
     Method("base model (no personalization)"),
-    Method("DreamBooth-LoRA, no prior, UNet", steps=200),
-    Method("DreamBooth-LoRA, prior, UNet", steps=200, prior=True),
-    Method("DreamBooth-LoRA, no prior, UNet + text encoder", steps=200, text=True),
-    Method("DreamBooth-LoRA, prior, UNet + text encoder", steps=200, prior=True, text=True),
+    Method("DreamBooth-LoRA, no prior, UNet", steps=400),
+    Method("DreamBooth-LoRA, prior, UNet", steps=400, prior=True),
+    Method("DreamBooth-LoRA, no prior, UNet + text encoder", steps=400, text=True),
+    Method("DreamBooth-LoRA, prior, UNet + text encoder", steps=400, prior=True, text=True),
 )
 DEFAULT_METHOD = METHODS[4]
 
