@@ -125,7 +125,8 @@ def chart(summary: dict):
 
     metrics = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
     names = list(summary)
-    w, h, left, bottom = 900, 400, 40, 140
+    w, left, bottom = 900, 40, 30 + 14 * len(names)  # room below the axis for one legend line per row
+    h = 260 + bottom
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     font = _font(11)
