@@ -9,7 +9,7 @@ train the UNet and the text encoder jointly with the
 2022), an EMA copy of the weights (decay 0.999) that is what gets saved.
 
 Run: ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--seed 0] [--vae-steps 600]
-[--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR] [--cooldown F]``. The log (seed, sizes, steps, times, losses)
+[--images 24000] [--unet-minutes 45] [--decoder-steps 1200] [--resume-from DIR] [--cooldown F]``. The log (seed, sizes, steps, times, losses)
 is written beside the weights; ``--resume-from`` continues the UNet + text-encoder stage of a pretrained folder (the shipped one
 included, ``--out`` may be the same folder), keeping its VAE (``--decoder-steps N`` fine-tunes its decoder) and
 the earlier logs.
@@ -228,7 +228,7 @@ def _drop_local_paths(folder: Path) -> None:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 12000, vae_steps: int = 600,
+def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 24000, vae_steps: int = 600,
              unet_minutes: float = 45, threads: int = 2, resume_from: str | Path | None = None,
              decoder_steps: int | None = None, cooldown: float = 0.0) -> dict:
     """Pretrain from scratch, or with ``resume_from`` continue the UNet + text-encoder stage of a pretrained
@@ -301,7 +301,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(MODEL_DIR))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=12000)
+    ap.add_argument("--images", type=int, default=24000,
+                    help="scenes rendered (deterministic per seed: the first N of a larger set are the same)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-minutes", type=float, default=45)
     ap.add_argument("--threads", type=int, default=2)
