@@ -31,6 +31,8 @@ import torch
 
 from .model import HOLDOUT, MODEL_DIR, RESOLUTION, build_untrained
 
+N_SCENES = 24000  # scenes rendered per run; the shipped weights' last run used this many (README)
+
 log = logging.getLogger(__name__)
 
 
@@ -228,7 +230,7 @@ def _drop_local_paths(folder: Path) -> None:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = 24000, vae_steps: int = 600,
+def pretrain(out_dir: str | Path = MODEL_DIR, *, seed: int = 0, n_images: int = N_SCENES, vae_steps: int = 600,
              unet_minutes: float = 45, threads: int = 2, resume_from: str | Path | None = None,
              decoder_steps: int | None = None, cooldown: float = 0.0) -> dict:
     """Pretrain from scratch, or with ``resume_from`` continue the UNet + text-encoder stage of a pretrained
@@ -301,7 +303,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(MODEL_DIR))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=24000,
+    ap.add_argument("--images", type=int, default=N_SCENES,
                     help="scenes rendered (deterministic per seed: the first N of a larger set are the same)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-minutes", type=float, default=45)
