@@ -5,10 +5,10 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels.errors import UserInputError
-from ..kernels.safetensors_io import load_safetensors
-from .adapter import AdapterSocket, adapter_from_file_tensors, apply_adapter
-from .comfy_backend import model_family
+from ..kernels.core.errors import UserInputError
+from ..kernels.formats.safetensors_io import load_safetensors
+from .backend.adapter import AdapterSocket, adapter_from_file_tensors, apply_adapter
+from .backend.families import model_family
 
 NONE = "(use the adapter input)"
 

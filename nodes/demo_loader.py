@@ -6,7 +6,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from .diffusers_loader import demo_model_folder, load_diffusers_folder, tiny_model_folder
+from .backend.diffusers_loader import demo_model_folder, load_diffusers_folder, tiny_model_folder
 
 CHOICES = ["demo", "tiny (test)"]
 

@@ -12,10 +12,10 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels.errors import UserInputError
-from ..kernels.lora_format import save_lora_file
-from ..kernels.safetensors_io import safe_join
-from .adapter import AdapterSocket
+from ..kernels.core.errors import UserInputError
+from ..kernels.formats.lora_file import save_lora_file
+from ..kernels.formats.safetensors_io import safe_join
+from .backend.adapter import AdapterSocket
 
 log = logging.getLogger(__name__)
 

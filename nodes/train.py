@@ -1,7 +1,7 @@
 """Node ``FSP_TrainConcept``: DreamBooth-LoRA on the MODEL / CLIP / VAE already in the graph.
 
-The engine (``kernels.trainer.DreamBoothLoraTrainer``) trains on clones through the ComfyUI seams of
-``comfy_backend``; the outputs carry the trained adapter as ordinary weight patches.
+The engine (``kernels.engine.loop.Trainer`` with the ``DreamBoothLora`` method) trains on clones through the
+ComfyUI seams of ``backend``; the outputs carry the trained adapter as ordinary weight patches.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..kernels.errors import TrainingDiverged, UserInputError
-from ..kernels.lora_format import lora_metadata
-from ..kernels.safetensors_io import safe_join
-from ..kernels.train_config import TrainConfig
-from ..kernels.trainer import DreamBoothLoraTrainer, TrainData
-from .adapter import Adapter, AdapterSocket, apply_adapter
-from .comfy_backend import TrainingSession, kohya_to_diffusers_names
-from .images import images_to_training, loss_curve_image, masks_to_training
+from ..kernels.core.errors import TrainingDiverged, UserInputError
+from ..kernels.engine.config import TrainConfig
+from ..kernels.engine.data import TrainData
+from ..kernels.engine.loop import Trainer
+from ..kernels.formats.lora_file import parse_lora_tensors
+from ..kernels.formats.safetensors_io import safe_join
+from ..kernels.methods import DreamBoothLora, LoraSettings
+from .backend.adapter import Adapter, AdapterSocket, apply_adapter
+from .backend.images import images_to_training, loss_curve_image, masks_to_training
+from .backend.session import TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +144,11 @@ class TrainConcept(io.ComfyNode):
         if cls_pixels is not None and not class_prompt:
             raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
         cfg = TrainConfig(
-            instance_prompt=instance_prompt, class_prompt=class_prompt if cls_pixels is not None else None,
-            prior_weight=_first(prior_weight, 1.0), steps=_first(steps), lr=_first(learning_rate), rank=_first(rank),
-            train_text_encoder=bool(_first(train_text_encoder)), resolution=resolution,
+            instance_prompts=instance_prompt, class_prompt=class_prompt if cls_pixels is not None else None,
+            prior_weight=_first(prior_weight, 1.0), steps=_first(steps), lr=_first(learning_rate), resolution=resolution,
             batch_size=_first(batch_size), seed=_first(seed), checkpoint_every=_first(checkpoint_every, 0) if name else 0,
             background_loss_weight=0.0)
+        method = DreamBoothLora(LoraSettings(rank=_first(rank), train_text_encoder=bool(_first(train_text_encoder))))
         ckpt = checkpoint_path(name) if name else None
         data = TrainData(pixels, cls_pixels, masks)
 
@@ -157,28 +159,24 @@ class TrainConcept(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         with torch.inference_mode(False):
-            with TrainingSession(model, clip, vae, cfg.train_text_encoder) as session:
+            with TrainingSession(model, clip, vae, method.changes_text) as session, \
+                    Trainer(session.denoiser, session.text_encoder, method, data, cfg,
+                            device=session.denoiser.device) as trainer:
                 try:
-                    trainer = DreamBoothLoraTrainer(session.denoiser, session.text_encoder, data, cfg,
-                                                    device=session.denoiser.device)
                     result = trainer.train(on_step=on_step, checkpoint_path=ckpt, resume=bool(_first(resume)))
                 except TrainingDiverged as e:
                     raise ValueError(str(e)) from None
                 family = session.denoiser.family
-                weights = kohya_to_diffusers_names(result.adapter, session.denoiser.unet_config)
+                lora = trainer.export(trainer="comfyui", final_loss=f"{result.losses[-1]:.6f}")["lora"]
 
-        meta = lora_metadata(family=family, method="dreambooth_lora", rank=cfg.rank, alpha=cfg.lora_alpha,
-                             steps=result.steps, instance_prompt=cfg.instance_prompt, class_prompt=cfg.class_prompt,
-                             train_text_encoder=cfg.train_text_encoder, resolution=cfg.resolution, lr=cfg.lr,
-                             seed=cfg.seed, trainer="comfyui")
-        adapter = Adapter(weights, family, meta)
+        adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained adapter"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)
         losses = loss_curve_image(result.losses, title=f"loss over {result.steps} steps ({result.seconds:.1f} s)")
         if preview_steps:
             preview = sample_preview(out_model, out_clip, vae, cfg.instance_prompt, cfg.seed, preview_steps, resolution)
         else:
             preview = torch.zeros(1, 64, 64, 3)
-        summary = (f"trained {result.steps} steps in {result.seconds:.1f} s, {len(weights)} adapted layers, "
+        summary = (f"trained {result.steps} steps in {result.seconds:.1f} s, {len(adapter.weights)} adapted layers, "
                    f"final loss {result.final_loss()}")
         log.info(summary)
         return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([summary, *notes])))

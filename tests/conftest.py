@@ -12,21 +12,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sd
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory) -> str:
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sd
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> str:
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sdxl
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 

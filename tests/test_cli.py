@@ -52,12 +52,12 @@ def test_class_images_are_generated_once_and_reused(tiny_sd, image_folder, tmp_p
 
 
 def test_resume_after_interrupt(tiny_sd, image_folder, tmp_path, capsys, monkeypatch):
-    from fewshot_personalize.kernels import trainer as trainer_mod
+    from fewshot_personalize.kernels.engine import loop as trainer_mod
 
     out = tmp_path / "r.safetensors"
     args = ["train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy", "--steps", "6",
             "--rank", "2", "--out", str(out)]
-    real = trainer_mod.DreamBoothLoraTrainer.train
+    real = trainer_mod.Trainer.train
 
     def stop_at_3(self, *, on_step=None, **kw):
         def hook(step, total, loss):
@@ -66,10 +66,10 @@ def test_resume_after_interrupt(tiny_sd, image_folder, tmp_path, capsys, monkeyp
                 raise KeyboardInterrupt
         return real(self, on_step=hook, **kw)
 
-    monkeypatch.setattr(trainer_mod.DreamBoothLoraTrainer, "train", stop_at_3)
+    monkeypatch.setattr(trainer_mod.Trainer, "train", stop_at_3)
     code, _, err = _run_main(capsys, *args)
     assert code == 130 and "interrupted after 3 steps" in err and not out.exists()
-    monkeypatch.setattr(trainer_mod.DreamBoothLoraTrainer, "train", real)
+    monkeypatch.setattr(trainer_mod.Trainer, "train", real)
     code, stdout, err = _run_main(capsys, *args, "--resume")
     assert code == 0, err
     assert out.is_file() and "trained 6 steps" in stdout
@@ -121,7 +121,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, bad_inputs, tiny_sd, image_fo
 
 
 def test_nan_loss_exits_2_and_keeps_checkpoint(tiny_sd, image_folder, tmp_path, capsys, monkeypatch):
-    from fewshot_personalize.kernels import diffusers_backend
+    from fewshot_personalize.kernels.backends.diffusers import denoiser as diffusers_backend
 
     real = diffusers_backend.DiffusersDenoiser.predict
     calls = {"n": 0}
@@ -144,3 +144,57 @@ def test_generate_bad_lora(tiny_sd, tmp_path, capsys):
     code, _, err = _run_main(capsys, "generate", "--base", tiny_sd, "--lora", str(tmp_path / "x.safetensors"),
                              "--prompt", "a toy", "--out", str(tmp_path / "o"))
     assert code == 2 and "not a readable safetensors file" in err
+
+
+@pytest.mark.parametrize("method,extra,files", [
+    ("textual-inversion", ["--num-vectors", "2", "--init-word", "toy"], ["ti.safetensors"]),
+    ("catversion", ["--catversion-layers", "-1", "--prompt", "a photo of a toy"], ["ti.safetensors"]),
+    ("pivotal", ["--rank", "2", "--prompt", "a <sks> toy"],
+     ["ti-embedding.safetensors", "ti-lora.safetensors", "ti.safetensors"]),
+])
+def test_train_each_method_then_generate_with_adapter(method, extra, files, tiny_sd, image_folder, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "ti.safetensors"
+    code, stdout, err = _run_main(capsys, "train", "--method", method, "--base", tiny_sd, "--images", str(image_folder),
+                                  "--steps", "2", "--out", str(out), *extra)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("ti*.safetensors")) == files and f"of {method}" in stdout
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["fsp.method"] == method and f.metadata()["fsp.trainer"] == "cli"
+    prompt = "a photo of a toy" if method == "catversion" else "a <sks> toy on the beach"
+    code, stdout, err = _run_main(capsys, "generate", "--base", tiny_sd, "--adapter", f"{out}:0.7", "--prompt", prompt,
+                                  "--n", "1", "--steps", "2", "--out", str(tmp_path / "imgs"))
+    assert code == 0, err
+    assert (tmp_path / "imgs" / "000.png").is_file() and "with 1 adapter(s)" in stdout
+
+
+METHOD_BAD = {
+    "placeholder is a vocabulary word": (["--method", "textual-inversion", "--token", "toy"], "already a word"),
+    "zero vectors": (["--method", "textual-inversion", "--num-vectors", "0"], "--num-vectors must be at least 1"),
+    "prompt without the token": (["--method", "textual-inversion", "--prompt", "a toy"], "does not contain the placeholder"),
+    "layers beyond the model": (["--method", "catversion", "--catversion-layers", "7"], "layer 7 is beyond"),
+    "layers not numbers": (["--method", "catversion", "--catversion-layers", "last"], "give layer numbers"),
+    "prior with textual inversion": (["--method", "textual-inversion", "--class-prompt", "a toy"], "prior preservation"),
+    "dreambooth without prompt": (["--method", "dreambooth-lora"], "needs --prompt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_BAD))
+def test_bad_method_input_gives_one_line_and_exit_2(case, tiny_sd, image_folder, tmp_path, capsys):
+    flags, message = METHOD_BAD[case]
+    out = tmp_path / "o.safetensors"
+    code, _, err = _run_main(capsys, "train", "--base", tiny_sd, "--images", str(image_folder), "--steps", "1",
+                             "--out", str(out), *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_generate_refuses_an_adapter_of_another_family(tiny_sd, tiny_sdxl, image_folder, tmp_path, capsys):
+    out = tmp_path / "xl.safetensors"
+    assert _run_main(capsys, "train", "--method", "textual-inversion", "--base", tiny_sdxl, "--images",
+                     str(image_folder), "--steps", "1", "--out", str(out))[0] == 0
+    code, _, err = _run_main(capsys, "generate", "--base", tiny_sd, "--adapter", str(out), "--prompt", "a <sks>",
+                             "--n", "1", "--steps", "1", "--out", str(tmp_path / "i"))
+    assert code == 2 and "trained for a sdxl model, but this model is sd1" in err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewshot_personalize.kernels.cli import main
-from fewshot_personalize.kernels.diffusers_backend import detect_family, load_pipeline
+from fewshot_personalize.kernels.backends.diffusers import detect_family, load_pipeline
 from fewshot_personalize.kernels.demo.model import MODEL_DIR, RESOLUTION
 
 needs_demo = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(),
@@ -15,9 +15,9 @@ needs_demo = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(),
 
 @needs_demo
 def test_demo_model_loads_and_samples():
-    from fewshot_personalize.kernels.generate import generate_images
+    from fewshot_personalize.kernels.backends.diffusers.generate import generate_images
 
-    pipe = load_pipeline("demo")
+    pipe = load_pipeline(str(MODEL_DIR))
     assert detect_family(pipe) == "sd1"
     tok = pipe.tokenizer
     for word in ("sks", "toy", "beach"):
@@ -36,7 +36,7 @@ def test_vae_round_trip_keeps_world_renders_close():
 
     rng = np.random.default_rng(5)
     images = [world.render(world.sample_scene(rng, n_objects=1))[0] for _ in range(4)]
-    back = vae_round_trip(load_pipeline("demo"), images)
+    back = vae_round_trip(load_pipeline(str(MODEL_DIR)), images)
     assert [im.size for im in back] == [im.size for im in images]
     error = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255 for a, b in zip(back, images)]
     swapped = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255

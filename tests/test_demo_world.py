@@ -8,7 +8,7 @@ from PIL import Image
 
 from fewshot_personalize.kernels.demo import concepts as C
 from fewshot_personalize.kernels.demo import world as W
-from fewshot_personalize.kernels.word_tokenizer import build_vocab
+from fewshot_personalize.kernels.testing.word_tokenizer import build_vocab
 
 CHROMATIC = [c for c in W.COLOURS if c not in ("white", "black")]
 

@@ -7,13 +7,15 @@ Tolerance: atol 1e-4 / rtol 1e-4 in fp32 (adapter-vs-merged arithmetic differs o
 import pytest
 import torch
 
-from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from fewshot_personalize.kernels.generate import apply_lora_file
-from fewshot_personalize.kernels.lora import LoraWeights, read_lora, write_lora
-from fewshot_personalize.kernels.lora_format import load_lora_file, lora_metadata, save_lora_file
-from fewshot_personalize.kernels.seams import Conditioning
-from fewshot_personalize.kernels.train_config import TrainConfig
-from fewshot_personalize.kernels.trainer import DreamBoothLoraTrainer, TrainData
+from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+from fewshot_personalize.kernels.backends.diffusers.generate import apply_lora_file
+from fewshot_personalize.kernels.adapters.lora import LoraWeights, read_lora, write_lora
+from fewshot_personalize.kernels.formats.lora_file import load_lora_file, lora_metadata, save_lora_file
+from fewshot_personalize.kernels.engine.seams import Conditioning
+from fewshot_personalize.kernels.engine.config import TrainConfig
+from fewshot_personalize.kernels.engine.data import TrainData
+from fewshot_personalize.kernels.engine.loop import Trainer
+from fewshot_personalize.kernels.methods import DreamBoothLora, LoraSettings
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -22,17 +24,17 @@ def _trained(base, tmp_path):
     pipe = load_pipeline(base)
     d, te = DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe)
     data = TrainData(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    cfg = TrainConfig("a sks toy", steps=2, resolution=32, rank=4, alpha=2.0, train_text_encoder=True)
-    trainer = DreamBoothLoraTrainer(d, te, data, cfg)
+    cfg = TrainConfig("a sks toy", steps=2, resolution=32)
+    trainer = Trainer(d, te, DreamBoothLora(LoraSettings(rank=4, alpha=2.0, train_text_encoder=True)), data, cfg)
     trainer.train()
     # make the adapter clearly non-zero so a wrong key, scale or transpose shows up
     g = torch.Generator().manual_seed(5)
-    for r in trainer.roots:
+    for r in trainer.method.roots:
         write_lora(r.module, {p: LoraWeights(torch.randn(w.down.shape, generator=g) * 0.1,
                                              torch.randn(w.up.shape, generator=g) * 0.1, w.alpha)
                               for p, w in read_lora(r.module).items()})
     path = tmp_path / "concept.safetensors"
-    save_lora_file(path, trainer.adapter(), lora_metadata(family=d.family, method="dreambooth-lora", rank=4, alpha=2.0, steps=2))
+    save_lora_file(path, trainer.method.weights(), lora_metadata(family=d.family, method="dreambooth-lora", rank=4, alpha=2.0, steps=2))
     return d, te, path
 
 
@@ -82,7 +84,7 @@ def test_our_merge_loader_matches_the_adapter(request, fixture, tmp_path):
 
 
 def test_sdxl_adapter_is_refused_by_an_sd1_model(tiny_sd, tiny_sdxl, tmp_path):
-    from fewshot_personalize.kernels.errors import UserInputError
+    from fewshot_personalize.kernels.core.errors import UserInputError
 
     _, _, path = _trained(tiny_sdxl, tmp_path)
     with pytest.raises(UserInputError, match="trained for a sdxl model"):

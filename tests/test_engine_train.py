@@ -5,11 +5,15 @@ import os
 import pytest
 import torch
 
-from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from fewshot_personalize.kernels.errors import TrainingDiverged, TrainingInterrupted, UserInputError
-from fewshot_personalize.kernels.train_config import TrainConfig
-from fewshot_personalize.kernels.trainer import DreamBoothLoraTrainer, TrainData, step_generator
-from fewshot_personalize.kernels.seams import Conditioning
+from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+from fewshot_personalize.kernels.core.errors import TrainingDiverged, TrainingInterrupted, UserInputError
+from fewshot_personalize.kernels.engine.config import TrainConfig
+from fewshot_personalize.kernels.engine.data import TrainData, step_generator
+from fewshot_personalize.kernels.engine.loop import Trainer
+from fewshot_personalize.kernels.engine.seams import Conditioning
+from fewshot_personalize.kernels.methods import DreamBoothLora, LoraSettings
+
+LORA_KEYS = ("rank", "alpha", "train_text_encoder", "text_lr", "unet_targets", "dropout")
 
 
 def _data(n=3, m=4, res=32, seed=0):
@@ -19,9 +23,15 @@ def _data(n=3, m=4, res=32, seed=0):
 
 def _trainer(base, **kw):
     pipe = load_pipeline(base)
-    kw = {"instance_prompt": "a sks toy", "class_prompt": "a toy", "steps": 8, "resolution": 32, "lr": 1e-3, **kw}
+    kw = {"instance_prompts": "a sks toy", "class_prompt": "a toy", "steps": 8, "resolution": 32, "lr": 1e-3, **kw}
     data = kw.pop("data", None) or _data()
-    return DreamBoothLoraTrainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), data, TrainConfig(**kw)), pipe
+    lora = LoraSettings(**{k: kw.pop(k) for k in LORA_KEYS if k in kw})
+    return Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), DreamBoothLora(lora), data,
+                   TrainConfig(**kw)), pipe
+
+
+def _adapter(trainer):
+    return trainer.method.weights()
 
 
 @pytest.mark.parametrize("fixture,family", [("tiny_sd", "sd1"), ("tiny_sd_v", "sd2"), ("tiny_sdxl", "sdxl")])
@@ -29,13 +39,14 @@ def test_trains_with_finite_loss(request, fixture, family):
     trainer, _ = _trainer(request.getfixturevalue(fixture), train_text_encoder=True, steps=10)
     assert trainer.denoiser.family == family
     result = trainer.train()
+    adapter = _adapter(trainer)
     assert result.steps == 10 and len(result.losses) == 10
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    prefixes = {k.split("_text_model_")[0] if "_text_model_" in k else "lora_unet" for k in result.adapter}
-    assert all(k.startswith("lora_unet_") or "_text_model_encoder_layers_" in k for k in result.adapter)
+    prefixes = {k.split("_text_model_")[0] if "_text_model_" in k else "lora_unet" for k in adapter}
+    assert all(k.startswith("lora_unet_") or "_text_model_encoder_layers_" in k for k in adapter)
     expected = {"lora_unet", "lora_te1", "lora_te2"} if family == "sdxl" else {"lora_unet", "lora_te"}
     assert prefixes == expected
-    assert any(w.up.abs().sum() > 0 for w in result.adapter.values())
+    assert any(w.up.abs().sum() > 0 for w in adapter.values())
 
 
 def _fixed_loss(trainer) -> float:
@@ -64,7 +75,11 @@ def test_loss_falls_on_a_memorisation_set(request, fixture, steps, lr, ratio):
 
 
 def test_same_seed_same_result_other_seed_differs(tiny_sd):
-    runs = [_trainer(tiny_sd, seed=s, steps=4)[0].train().adapter for s in (7, 7, 8)]
+    runs = []
+    for s in (7, 7, 8):
+        t = _trainer(tiny_sd, seed=s, steps=4)[0]
+        t.train()
+        runs.append(_adapter(t))
     k = sorted(runs[0])
     assert all(torch.equal(runs[0][n].up, runs[1][n].up) and torch.equal(runs[0][n].down, runs[1][n].down) for n in k)
     assert not all(torch.equal(runs[0][n].up, runs[2][n].up) for n in k)
@@ -73,7 +88,9 @@ def test_same_seed_same_result_other_seed_differs(tiny_sd):
 def test_interrupted_and_resumed_run_ends_identical(tiny_sd, tmp_path):
     kw = dict(steps=9, train_text_encoder=True, lr_schedule="cosine", warmup_steps=2, grad_accum=2, random_flip=0.5,
               snr_gamma=5.0, noise_offset=0.05)
-    full = _trainer(tiny_sd, **kw)[0].train()
+    full_trainer = _trainer(tiny_sd, **kw)[0]
+    full = full_trainer.train()
+    full_adapter = _adapter(full_trainer)
 
     ckpt = str(tmp_path / "run.checkpoint.safetensors")
 
@@ -89,8 +106,9 @@ def test_interrupted_and_resumed_run_ends_identical(tiny_sd, tmp_path):
     resumed_trainer = _trainer(tiny_sd, **kw)[0]
     resumed = resumed_trainer.train(checkpoint_path=ckpt, resume=True)
     assert resumed.losses == full.losses
-    for name, w in full.adapter.items():
-        assert torch.equal(w.up, resumed.adapter[name].up) and torch.equal(w.down, resumed.adapter[name].down), name
+    resumed_adapter = _adapter(resumed_trainer)
+    for name, w in full_adapter.items():
+        assert torch.equal(w.up, resumed_adapter[name].up) and torch.equal(w.down, resumed_adapter[name].down), name
 
 
 def test_resume_refuses_other_settings(tiny_sd, tmp_path):

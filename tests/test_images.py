@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fewshot_personalize.kernels.errors import UserInputError
-from fewshot_personalize.kernels.images import load_image_folder, open_rgb, resize_center_crop
+from fewshot_personalize.kernels.core.errors import UserInputError
+from fewshot_personalize.kernels.core.images import load_image_folder, open_rgb, resize_center_crop
 
 DREAMBOOTH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dreambooth")
 

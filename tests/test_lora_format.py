@@ -4,11 +4,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fewshot_personalize.kernels.errors import UserInputError
-from fewshot_personalize.kernels.lora import LoraWeights
-from fewshot_personalize.kernels.lora_format import (check_family, from_kohya, kohya_name, load_lora_file,
+from fewshot_personalize.kernels.core.errors import UserInputError
+from fewshot_personalize.kernels.adapters.lora import LoraWeights
+from fewshot_personalize.kernels.formats.metadata import check_family
+from fewshot_personalize.kernels.formats.lora_file import (from_kohya, kohya_name, load_lora_file,
                                                      lora_metadata, save_lora_file, to_kohya)
-from fewshot_personalize.kernels.safetensors_io import atomic_save, check_output_path, safe_join
+from fewshot_personalize.kernels.formats.safetensors_io import atomic_save, check_output_path, safe_join
 
 
 def _weights():

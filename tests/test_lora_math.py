@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_personalize.kernels.lora import LoraWeights, attach_lora, detach_lora, merge_lora, read_lora, write_lora
+from fewshot_personalize.kernels.adapters.lora import LoraWeights, attach_lora, detach_lora, merge_lora, read_lora, write_lora
 
 
 def _mlp():

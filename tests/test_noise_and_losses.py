@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fewshot_personalize.kernels.losses import min_snr_weights, offset_noise, per_sample_mse, prior_preservation_loss
-from fewshot_personalize.kernels.noise_schedule import NoiseSchedule
+from fewshot_personalize.kernels.core.losses import min_snr_weights, offset_noise, per_sample_mse, prior_preservation_loss
+from fewshot_personalize.kernels.core.noise_schedule import NoiseSchedule
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ import torch
 
 from .concepts import CONCEPTS
 from .evaluator import Evaluator
-from .experiment import METHODS, demo_pipeline, personalize, reference_score, reset, sample, score
+from .experiment import METHODS, demo_pipeline, personalize, reference_score, sample, score
 from .model_quality import ATTRIBUTES, measure_model_quality
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,11 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
     vae_refs = [r.pop("through_vae") | {"concept": r["concept"], "seed": r["seed"]} for r in refs]
     jobs = [(m, c, s) for m in methods for c in concepts for s in range(seeds)]
     for m, c, s in tqdm(jobs, desc="bench", unit="run"):
-        result = personalize(pipe, c, m, s)
-        metrics = score(ev, pipe, c, s)
-        reset(pipe)
-        runs.append({"method": m.name, "concept": c, "seed": s, "train_seconds": result.seconds if result else 0.0,
+        done = personalize(pipe, c, m, s)
+        metrics = score(ev, pipe, c, s, personalized=done)
+        if done is not None:
+            done.remove()
+        runs.append({"method": m.name, "concept": c, "seed": s, "train_seconds": done.result.seconds if done else 0.0,
                      **{k: metrics[k] for k in METRICS if k in metrics}, "per_prompt": metrics["per_prompt"]})
     summary = summarise(runs, refs, vae_refs)
     record = {"seeds": seeds, "concepts": concepts, "methods": [m.__dict__ for m in methods], "summary": summary,
@@ -121,7 +122,7 @@ def chart(summary: dict):
     """Grouped bars per metric (PIL only)."""
     from PIL import Image, ImageDraw
 
-    from ..plots import _font
+    from ..core.plots import _font
 
     metrics = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
     names = list(summary)

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..core.errors import UserInputError
 
 DEMO_PROMPTS = ("a {}", "a {} on the beach", "a {} in the snow", "a {} at night", "a {} on the grass",
                 "a {} with a city in the background")
@@ -49,8 +49,8 @@ def cmd_demo(a) -> int:
 
     from tqdm import tqdm
 
-    from ..lora_format import lora_metadata, save_lora_file
-    from ..plots import image_grid, loss_curve
+    from ..formats.safetensors_io import atomic_save
+    from ..core.plots import image_grid, loss_curve
     from .concepts import CONCEPTS, get_concept, reference_images
     from .experiment import DEFAULT_METHOD, demo_pipeline, personalize, reference_score, sample
 
@@ -73,7 +73,10 @@ def cmd_demo(a) -> int:
     prompts = [p.format(c.phrase()) for p in DEMO_PROMPTS]
 
     def sample_all(tag):
-        return [sample(pipe, p, 1, a.seed + k)[0] for k, p in enumerate(tqdm(prompts, desc=f"sample {tag}", leave=False))]
+        return [sample(pipe, p, 1, a.seed + k, adapters)[0]
+                for k, p in enumerate(tqdm(prompts, desc=f"sample {tag}", leave=False))]
+
+    adapters = None
 
     before = sample_all("before")
     bar = tqdm(total=method.steps, desc="train", unit="step")
@@ -83,7 +86,8 @@ def cmd_demo(a) -> int:
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.refresh()
 
-    result = personalize(pipe, a.concept, method, a.seed, on_step=on_step)
+    done = personalize(pipe, a.concept, method, a.seed, on_step=on_step)
+    result, adapters = done.result, done.adapters
     bar.close()
     after = sample_all("after")
 
@@ -105,10 +109,8 @@ def cmd_demo(a) -> int:
     header.save(out / "prompts.png")
     loss_curve(result.losses, title=f"{a.concept}: DreamBooth-LoRA loss (prior preservation)").save(out / "loss.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    adapter_meta = lora_metadata(family="sd1", method="dreambooth-lora", rank=method.rank, alpha=float(method.rank),
-                                 steps=result.steps, base_model="demo", instance_prompt=f"a {c.phrase()}",
-                                 class_prompt=f"a {c.cls}")
-    save_lora_file(out / f"{a.concept}.safetensors", result.adapter, adapter_meta, overwrite=a.overwrite)
+    lora = done.artifacts["lora"]
+    atomic_save(lora.tensors, out / f"{a.concept}.safetensors", lora.metadata, overwrite=a.overwrite)
     b, f = metrics["before"], metrics["after"]
     print(f"{a.concept} ('{c.phrase()}'): subject fidelity {b['subject_fidelity']:.3f} → {f['subject_fidelity']:.3f} "
           f"(references {metrics['references_ceiling']['subject_fidelity']:.3f}), prompt fidelity "
@@ -119,7 +121,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from ..images import list_images, open_rgb
+    from ..core.images import list_images, open_rgb
 
     images = [open_rgb(p) for p in list_images(a.images)]
     refs = [open_rgb(p) for p in list_images(a.references)]

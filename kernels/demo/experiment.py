@@ -15,23 +15,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from ..generate import generate_images, use_sampler
-from ..images import pil_to_tensor, tensor_to_pil
-from ..lora import detach_lora
-from ..train_config import TrainConfig
-from ..trainer import DreamBoothLoraTrainer, TrainData, TrainResult
+from ..backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+from ..backends.diffusers.generate import PipelineAdapters, generate_images, use_sampler
+from ..core.images import pil_to_tensor, tensor_to_pil
+from ..engine.config import TrainConfig
+from ..engine.data import TrainData
+from ..engine.loop import Trainer, TrainResult
+from ..engine.method import Artifact
+from ..methods import (CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings, PivotalTuning,
+                       TextualInversion, TextualInversionSettings)
 from .concepts import get_concept, prompt_specs, reference_images, render_prompt
-from .model import RESOLUTION
+from .model import RESOLUTION, demo_model_path
+
+TOKEN = "<sks>"
 
 
 @dataclass
-class Method:
-    """A benchmark row: how the concept is learned (``steps=0``: the base model, no personalization). The defaults
-    are the recipe every DreamBooth row shares: 400 steps at 3e-3 beat 200 at 1e-3 (subject fidelity 0.556 vs
-    0.464 at the same drift; README)."""
+class Recipe:
+    """A benchmark row: which method learns the concept and how (``steps=0``: the base model, no
+    personalization). The DreamBooth defaults are the recipe every DreamBooth row shares: 400 steps at 3e-3 beat
+    200 at 1e-3 (subject fidelity 0.556 vs 0.464 at the same drift; README)."""
 
     name: str
+    method: str = DreamBoothLora.name
     steps: int = 400
     prior: bool = False
     text: bool = False
@@ -39,14 +45,39 @@ class Method:
     lr: float = 3e-3
     text_lr: float = 1.5e-3
     n_class: int = 16
+    num_vectors: int = 1
+    embedding_lr: float = 5e-3
+    catversion_layers: tuple[int, ...] | None = None
+
+    def phrase(self, concept) -> str:
+        """The subject phrase of prompts: ``sks toy`` (DreamBooth), ``<sks> toy`` (token methods), or the bare
+        class word (CatVersion acts on every prompt)."""
+        if self.method == CatVersion.name:
+            return concept.cls
+        if self.method in (TextualInversion.name, PivotalTuning.name):
+            return f"{TOKEN} {concept.cls}"
+        return concept.phrase()
+
+    def build(self, concept):
+        """The engine method of this row, for one concept."""
+        lora = LoraSettings(rank=self.rank, train_text_encoder=self.text, text_lr=self.text_lr)
+        token = TextualInversionSettings(token=TOKEN, init_word=concept.cls, num_vectors=self.num_vectors)
+        if self.method == TextualInversion.name:
+            return TextualInversion(token)
+        if self.method == CatVersion.name:
+            return CatVersion(CatVersionSettings(layers=self.catversion_layers))
+        if self.method == PivotalTuning.name:
+            token.lr = self.embedding_lr
+            return PivotalTuning(PivotalSettings(lora=lora, embedding=token))
+        return DreamBoothLora(lora)
 
 
 METHODS = (
-    Method("base model (no personalization)", steps=0),
-    Method("DreamBooth-LoRA, no prior, UNet"),
-    Method("DreamBooth-LoRA, prior, UNet", prior=True),
-    Method("DreamBooth-LoRA, no prior, UNet + text encoder", text=True),
-    Method("DreamBooth-LoRA, prior, UNet + text encoder", prior=True, text=True),
+    Recipe("base model (no personalization)", steps=0),
+    Recipe("DreamBooth-LoRA, no prior, UNet"),
+    Recipe("DreamBooth-LoRA, prior, UNet", prior=True),
+    Recipe("DreamBooth-LoRA, no prior, UNet + text encoder", text=True),
+    Recipe("DreamBooth-LoRA, prior, UNet + text encoder", prior=True, text=True),
 )
 DEFAULT_METHOD = METHODS[4]
 
@@ -55,14 +86,14 @@ GUIDANCE = 4.0
 
 
 def demo_pipeline():
-    pipe = load_pipeline("demo")
+    pipe = load_pipeline(str(demo_model_path()))
     use_sampler(pipe, "dpm")
     return pipe
 
 
-def sample(pipe, prompt: str, n: int, seed: int) -> list[Image.Image]:
+def sample(pipe, prompt: str, n: int, seed: int, adapters: PipelineAdapters | None = None) -> list[Image.Image]:
     return generate_images(pipe, prompt, n=n, steps=SAMPLE_STEPS, seed=seed, guidance=GUIDANCE, resolution=RESOLUTION,
-                           batch=8)
+                           batch=8, adapters=adapters)
 
 
 def class_images(pipe, class_prompt: str, n: int, seed: int) -> torch.Tensor:
@@ -70,45 +101,59 @@ def class_images(pipe, class_prompt: str, n: int, seed: int) -> torch.Tensor:
     return pil_to_tensor(sample(pipe, class_prompt, n, seed + 50_000))
 
 
-def personalize(pipe, concept: str, method: Method, seed: int,
-                on_step: Callable[[int, int, float], None] | None = None) -> TrainResult | None:
-    """Train ``method`` on the concept's reference images; the LoRA stays attached to ``pipe`` (in memory)
-    until :func:`reset`. Returns None for the base-model row."""
-    if method.steps == 0:
+@dataclass
+class Personalized:
+    """A trained concept on the pipeline: the training result, the files it would write, and the adapters that
+    apply them to the pipeline (``remove()`` restores the base model exactly)."""
+
+    recipe: Recipe
+    result: TrainResult
+    artifacts: dict[str, Artifact]
+    adapters: PipelineAdapters
+
+    def remove(self) -> None:
+        self.adapters.remove()
+
+
+def personalize(pipe, concept: str, recipe: Recipe, seed: int,
+                on_step: Callable[[int, int, float], None] | None = None) -> Personalized | None:
+    """Train ``recipe`` on the concept's reference images, then apply its exported files to ``pipe`` the way a
+    user's files would be applied (until :meth:`Personalized.remove`). Returns None for the base-model row."""
+    if recipe.steps == 0:
         return None
     c = get_concept(concept)
     refs = reference_images(c, seed=seed)
     instance = pil_to_tensor([im for im, _ in refs])
     class_prompt = f"a {c.cls}"
-    cfg = TrainConfig(instance_prompt=f"a {c.phrase()}", class_prompt=class_prompt if method.prior else None,
-                      steps=method.steps, rank=method.rank, lr=method.lr, text_lr=method.text_lr,
-                      train_text_encoder=method.text, resolution=RESOLUTION, seed=seed, batch_size=2)
-    prior = class_images(pipe, class_prompt, method.n_class, seed) if method.prior else None
-    trainer = DreamBoothLoraTrainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), TrainData(instance, prior), cfg)
-    return trainer.train(on_step=on_step)
+    cfg = TrainConfig(instance_prompts=f"a {recipe.phrase(c)}", class_prompt=class_prompt if recipe.prior else None,
+                      steps=recipe.steps, lr=recipe.lr, resolution=RESOLUTION, seed=seed, batch_size=2)
+    prior = class_images(pipe, class_prompt, recipe.n_class, seed) if recipe.prior else None
+    with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), recipe.build(c), TrainData(instance, prior),
+                 cfg) as trainer:
+        result = trainer.train(on_step=on_step)
+        artifacts = trainer.export(base_model="demo")
+    adapters = PipelineAdapters(pipe)
+    main = artifacts.get("pivotal") or next(iter(artifacts.values()))
+    adapters.apply(main.tensors, main.metadata, f"the trained {recipe.method}")
+    return Personalized(recipe, result, artifacts, adapters)
 
 
-def reset(pipe) -> None:
-    """Remove every LoRA layer from the pipeline (back to the base model)."""
-    for m in (pipe.unet, pipe.text_encoder):
-        detach_lora(m)
-        for p in m.parameters():
-            p.requires_grad_(False)
-
-
-def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2) -> dict:
+def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2,
+          personalized: Personalized | None = None) -> dict:
     """Sample every held-out prompt and the bare class prompt; return per-prompt and mean metrics."""
     c = get_concept(concept)
     refs = reference_images(c, seed=seed)
     ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
+    phrase = personalized.recipe.phrase(c) if personalized else c.phrase()
+    adapters = personalized.adapters if personalized else None
     per_prompt = []
     for k, spec in enumerate(prompt_specs(c)):
-        prompt = spec.prompt(c.phrase())
-        imgs = sample(pipe, prompt, images_per_prompt, seed * 1000 + k)
+        prompt = spec.prompt(phrase)
+        imgs = sample(pipe, prompt, images_per_prompt, seed * 1000 + k, adapters)
         m = evaluator.evaluate(imgs, prompt, ref_imgs, ref_masks)
         m["prompt_fidelity"] = evaluator.prompt_fidelity(imgs, spec.expected(c.cls))
         per_prompt.append(m)
-    class_imgs = sample(pipe, f"a {c.cls}", 4, seed * 1000 + 999)
+    class_imgs = sample(pipe, f"a {c.cls}", 4, seed * 1000 + 999, adapters)
     return {
         "subject_fidelity": float(np.mean([m["subject_fidelity"] for m in per_prompt])),
         "prompt_fidelity": float(np.mean([m["prompt_fidelity"] for m in per_prompt])),

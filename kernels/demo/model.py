@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..core.errors import UserInputError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_DIR = WEIGHTS_DIR / "model"
@@ -71,7 +71,7 @@ def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ..word_tokenizer import write_clip_tokenizer
+    from ..testing.word_tokenizer import write_clip_tokenizer
     from .world import all_words
 
     ids = write_clip_tokenizer(all_words(), tokenizer_dir)

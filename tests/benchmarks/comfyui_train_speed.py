@@ -1,6 +1,6 @@
 """Seconds per training step: our FSP_TrainConcept vs ComfyUI's own TrainLoraNode, side by side.
 
-Same tiny SD1-style model (kernels.tiny_models, built into ComfyUI objects by nodes.diffusers_loader), the same
+Same tiny SD1-style model (kernels.testing.tiny_models, built into ComfyUI objects by nodes.backend.diffusers_loader), the same
 4 training images at 32x32 pixels (16x16 latents), LoRA rank 4, batch 1, fp32, AdamW, lr 1e-3, UNet only.
 Each node runs with a short and a long step budget; per-step time = (t_long - t_short) / (steps difference),
 which removes set-up costs (model cloning, VAE encoding, adapter creation). Runs alternate between the nodes and
@@ -55,7 +55,7 @@ def main() -> None:
     asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     from comfy_extras.nodes_train import TrainLoraNode
 
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder, tiny_model_folder
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder, tiny_model_folder
     from fewshot_personalize.nodes.train import TrainConcept
 
     with torch.inference_mode():

@@ -20,18 +20,20 @@ import time
 def one(base: str, batch: int, steps: int, text: bool, prior: bool) -> dict:
     import torch
 
-    from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-    from fewshot_personalize.kernels.train_config import TrainConfig
-    from fewshot_personalize.kernels.trainer import DreamBoothLoraTrainer, TrainData
+    from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+    from fewshot_personalize.kernels.engine.config import TrainConfig
+    from fewshot_personalize.kernels.engine.data import TrainData
+    from fewshot_personalize.kernels.engine.loop import Trainer
+    from fewshot_personalize.kernels.methods import DreamBoothLora, LoraSettings
 
     torch.set_num_threads(2)
     pipe = load_pipeline(base)
     g = torch.Generator().manual_seed(0)
     data = TrainData(torch.rand(5, 3, 32, 32, generator=g) * 2 - 1,
                      torch.rand(8, 3, 32, 32, generator=g) * 2 - 1 if prior else None)
-    cfg = TrainConfig("a sks toy", "a toy" if prior else None, steps=steps + 3, batch_size=batch, resolution=32,
-                      train_text_encoder=text)
-    trainer = DreamBoothLoraTrainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), data, cfg)
+    cfg = TrainConfig("a sks toy", "a toy" if prior else None, steps=steps + 3, batch_size=batch, resolution=32)
+    method = DreamBoothLora(LoraSettings(train_text_encoder=text))
+    trainer = Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), method, data, cfg)
     times = []
     last = [time.perf_counter()]
 
@@ -54,7 +56,7 @@ def main() -> None:
         base, batch, text, prior = a.child
         print(json.dumps(one(base, int(batch), a.steps, text == "1", prior == "1")))
         return
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sd
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sd
 
     import torch
 

@@ -55,7 +55,7 @@ def comfy_nodes():
 
 @pytest.fixture(scope="session")
 def tiny_folder():
-    from fewshot_personalize.nodes.diffusers_loader import tiny_model_folder
+    from fewshot_personalize.nodes.backend.diffusers_loader import tiny_model_folder
 
     return tiny_model_folder(0)
 
@@ -66,7 +66,7 @@ def tiny_objects(tiny_folder):
     like every node ComfyUI runs)."""
     import torch
 
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
 
     with torch.inference_mode():
         return load_diffusers_folder(tiny_folder)
@@ -75,7 +75,7 @@ def tiny_objects(tiny_folder):
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tmp_path_factory):
     """A tiny SDXL-style diffusers folder (two CLIP encoders, 'text_time' UNet), built in code."""
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sdxl
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model", seed=0)
 
@@ -85,7 +85,7 @@ def tiny_sdxl_objects(tiny_sdxl_folder):
     """(MODEL, CLIP, VAE) of the tiny SDXL folder, loaded in inference mode like ``tiny_objects``."""
     import torch
 
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
 
     with torch.inference_mode():
         return load_diffusers_folder(tiny_sdxl_folder)

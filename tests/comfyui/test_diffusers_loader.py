@@ -24,8 +24,8 @@ def pipe(tiny_folder):
 
 
 def test_unet_matches_diffusers(pipe, tiny_objects):
-    from fewshot_personalize.kernels.seams import Conditioning
-    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser
+    from fewshot_personalize.kernels.engine.seams import Conditioning
+    from fewshot_personalize.nodes.backend.denoiser import ComfyDenoiser
 
     model, clip, vae = tiny_objects
     den = ComfyDenoiser(model, vae)
@@ -42,7 +42,7 @@ def test_unet_matches_diffusers(pipe, tiny_objects):
 
 
 def test_text_encoder_matches_diffusers(pipe, tiny_objects):
-    from fewshot_personalize.nodes.comfy_backend import ComfyTextEncoder
+    from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
 
     _, clip, _ = tiny_objects
     prompts = ["a photo of sks toy on the beach", "a red dog"]
@@ -69,7 +69,7 @@ def test_vae_matches_diffusers(pipe, tiny_objects):
     img = torch.rand(1, 32, 32, 3, generator=g)
     with torch.no_grad():
         ref_mean = pipe.vae.encode(img.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
-        from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser
+        from fewshot_personalize.nodes.backend.denoiser import ComfyDenoiser
 
         mean, std = ComfyDenoiser(tiny_objects[0], vae).encode_images(img.permute(0, 3, 1, 2) * 2 - 1)
     assert torch.allclose(mean, ref_mean * pipe.vae.config.scaling_factor, atol=1e-4)
@@ -79,10 +79,11 @@ def test_v_prediction_model_predicts_v(tmp_path):
     """An SD2-style (v-prediction) folder: the ComfyUI denoiser returns v, exactly as the diffusers UNet does."""
     from diffusers import UNet2DConditionModel
 
-    from fewshot_personalize.kernels.seams import Conditioning
-    from fewshot_personalize.kernels.tiny_models import build_tiny_sd
-    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser, ComfyTextEncoder
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+    from fewshot_personalize.kernels.engine.seams import Conditioning
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sd
+    from fewshot_personalize.nodes.backend.denoiser import ComfyDenoiser
+    from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
 
     folder = build_tiny_sd(tmp_path / "v", prediction_type="v_prediction", seed=3)
     with torch.inference_mode():
@@ -103,9 +104,10 @@ def test_demo_architecture_round_trips(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from fewshot_personalize.kernels.demo.model import build_untrained
-    from fewshot_personalize.kernels.seams import Conditioning
-    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser, ComfyTextEncoder
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder
+    from fewshot_personalize.kernels.engine.seams import Conditioning
+    from fewshot_personalize.nodes.backend.denoiser import ComfyDenoiser
+    from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
 
     unet, vae_d, text, tok, sched = build_untrained(tmp_path / "tok")
     pipe = StableDiffusionPipeline(vae=vae_d, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
@@ -136,8 +138,8 @@ def xl_pipe(tiny_sdxl_folder):
 def test_sdxl_unet_matches_diffusers(xl_pipe, tiny_sdxl_objects):
     """ComfyUI's SDXL UNet, with the pooled text and the size/crop time ids ComfyUI's sampler adds (latent
     size × 8, no crop), predicts what diffusers' UNet predicts from the same ``added_cond_kwargs``."""
-    from fewshot_personalize.kernels.seams import Conditioning
-    from fewshot_personalize.nodes.comfy_backend import ComfyDenoiser
+    from fewshot_personalize.kernels.engine.seams import Conditioning
+    from fewshot_personalize.nodes.backend.denoiser import ComfyDenoiser
 
     model, _, vae = tiny_sdxl_objects
     den = ComfyDenoiser(model, vae)
@@ -158,7 +160,7 @@ def test_sdxl_unet_matches_diffusers(xl_pipe, tiny_sdxl_objects):
 def test_sdxl_text_conditioning_matches_diffusers(xl_pipe, tiny_sdxl_objects):
     """Both encoders' penultimate hidden states (concatenated) and text_encoder_2's projected pooled output equal
     ``StableDiffusionXLPipeline.encode_prompt``; the CLIP node path (tokenize → encode) gives the same."""
-    from fewshot_personalize.nodes.comfy_backend import ComfyTextEncoder
+    from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
 
     _, clip, _ = tiny_sdxl_objects
     prompts = ["a photo of sks toy on the beach", "a red dog"]
@@ -185,7 +187,7 @@ def test_sdxl_sized_unet_config_uses_head_channels():
     head width of 64 and to SDXL's own unet_config, which ComfyUI uses to detect SDXL checkpoints."""
     import comfy.supported_models
 
-    from fewshot_personalize.nodes.diffusers_loader import unet_config_from_diffusers
+    from fewshot_personalize.nodes.backend.diffusers_loader import unet_config_from_diffusers
 
     cfg = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
            "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "use_linear_projection": True,
@@ -204,8 +206,8 @@ def test_other_added_conditioning_is_refused(tmp_path):
     import json
     import shutil
 
-    from fewshot_personalize.kernels.errors import UserInputError
-    from fewshot_personalize.nodes.diffusers_loader import load_diffusers_folder, tiny_model_folder
+    from fewshot_personalize.kernels.core.errors import UserInputError
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder, tiny_model_folder
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_folder(0), folder)

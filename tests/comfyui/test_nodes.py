@@ -83,7 +83,7 @@ def encode(clip, text="a photo of sks toy"):
 
 
 def assert_clean(m, c):
-    from fewshot_personalize.nodes.comfy_backend import leftover_lora_layers
+    from fewshot_personalize.nodes.backend.session import leftover_lora_layers
 
     assert leftover_lora_layers(m, c) == 0
     assert not m.patches and not m.object_patches
@@ -150,8 +150,8 @@ def test_train_without_text_encoder_patches_only_the_model(family_case, loras_di
 
 
 def test_adapter_keys_match_the_diffusers_back_end(family_case, loras_dir):
-    from fewshot_personalize.kernels.diffusers_backend import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-    from fewshot_personalize.kernels.lora_format import kohya_name
+    from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
+    from fewshot_personalize.kernels.formats.lora_file import kohya_name
 
     family, folder, objs = family_case
     adapter = train(objs, steps=1, text=True)[2]

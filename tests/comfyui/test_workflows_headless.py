@@ -94,7 +94,7 @@ def server(tmp_path_factory):
 
 def _demo_available() -> bool:
     try:
-        from fewshot_personalize.nodes.diffusers_loader import demo_model_folder
+        from fewshot_personalize.nodes.backend.diffusers_loader import demo_model_folder
 
         demo_model_folder()
         return True

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserInputError
+from ..core.errors import UserInputError
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, suffix: str | None = ".safetensors") -> Path:

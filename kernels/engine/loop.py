@@ -1,9 +1,9 @@
-"""The DreamBooth-LoRA training loop, written against the Denoiser / TextEncoder seams.
+"""The training loop, written against the Denoiser / TextEncoder seams, with methods as plug-ins.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` instance samples (+ as many class
-samples with prior preservation, DreamBooth eq. 2). All randomness of step s comes from a generator seeded
-with (seed, s), so a run interrupted at any step and resumed from its checkpoint ends bit-identical to an
-uninterrupted one on the CPU.
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` instance samples (+ as many class samples
+with prior preservation, DreamBooth eq. 2). Each instance sample gets one of the instance prompts (drawn per
+sample when there are several: caption templates). The loop owns steps, accumulation, the learning-rate
+schedule, min-SNR weighting, checkpoints, resume, cancel and NaN handling; the method owns what is trained.
 """
 
 from __future__ import annotations
@@ -18,37 +18,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .diffusers_backend import pick_dtype
-from .errors import TrainingDiverged, TrainingInterrupted, UserInputError
-from .lora import LoraWeights, attach_lora, read_lora
-from .lora_format import to_kohya
-from .losses import min_snr_weights, offset_noise, per_sample_mse, prior_preservation_loss
-from .seams import AdapterRoot, Conditioning, Denoiser, TextEncoder
-from .train_config import TrainConfig
+from ..core.devices import pick_dtype
+from ..core.errors import TrainingDiverged, TrainingInterrupted, UserInputError
+from ..core.losses import min_snr_weights, offset_noise, per_sample_mse, prior_preservation_loss
+from ..formats.checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, fingerprint
+from .data import LatentCache, TrainData, epoch_indices, step_generator
+from .method import Artifact, Method, ParamGroup
+from .seams import Conditioning, Denoiser, TextEncoder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainData:
-    """Instance images [N,3,R,R] in [-1,1], optional instance masks [N,1,R,R] in [0,1] (loss mask), optional
-    class (prior) images [M,3,R,R]."""
-
-    instance: torch.Tensor
-    class_images: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.instance.ndim != 4 or self.instance.shape[0] == 0:
-            raise UserInputError("no instance images to train on")
-        if self.masks is not None and self.masks.shape[-2:] != self.instance.shape[-2:]:
-            raise UserInputError(f"masks are {tuple(self.masks.shape[-2:])} but images are {tuple(self.instance.shape[-2:])}")
-
-
-@dataclass
 class TrainResult:
-    adapter: dict[str, LoraWeights]  # kohya name → weights
     losses: list[float]
     steps: int
     seconds: float
@@ -60,49 +43,13 @@ class TrainResult:
         return f"{sum(tail) / len(tail):.4f} (mean of last {len(tail)})"
 
 
-def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
-    """The generator of one micro-batch: a pure function of (seed, step, micro)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 9_176 + micro) % (2**63))
+class Trainer:
+    """Trains one method on a denoiser + text encoder. The method stays attached after :meth:`train` (sample
+    with it in memory); :meth:`close` (or leaving a ``with Trainer(...)`` block) detaches it."""
 
-
-def epoch_indices(n: int, count: int, start: int, seed: int) -> torch.Tensor:
-    """Indices ``start … start+count-1`` of an endless sequence of seeded permutations of range(n)
-    (every image is seen once per epoch)."""
-    out = []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
-        out.append(int(perm[i]))
-    return torch.tensor(out)
-
-
-class _LatentCache:
-    """VAE latent distributions of the training images (+ their mirror images when flipping), encoded once."""
-
-    def __init__(self, denoiser: Denoiser, pixels: torch.Tensor, flip: bool, batch: int = 8):
-        self.mean, self.std = self._encode(denoiser, pixels, batch)
-        self.flip_mean = self.flip_std = None
-        if flip:
-            self.flip_mean, self.flip_std = self._encode(denoiser, pixels.flip(-1), batch)
-
-    @staticmethod
-    def _encode(denoiser, pixels, batch):
-        parts = [denoiser.encode_images(pixels[i:i + batch]) for i in range(0, pixels.shape[0], batch)]
-        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
-
-    def sample(self, idx: torch.Tensor, flipped: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        mean, std = self.mean[idx].clone(), self.std[idx].clone()
-        if flipped.any():
-            mean[flipped], std[flipped] = self.flip_mean[idx[flipped]], self.flip_std[idx[flipped]]
-        return mean + std * torch.randn(mean.shape, generator=gen)
-
-
-class DreamBoothLoraTrainer:
-    """Attaches LoRA layers (peft) to the denoiser (and optionally the text encoder), then trains them."""
-
-    def __init__(self, denoiser: Denoiser, text_encoder: TextEncoder, data: TrainData, cfg: TrainConfig,
-                 device: str | torch.device = "cpu"):
-        self.denoiser, self.text_encoder, self.data, self.cfg = denoiser, text_encoder, data, cfg
+    def __init__(self, denoiser: Denoiser, text_encoder: TextEncoder, method: Method, data: TrainData,
+                 cfg: TrainConfig, device: str | torch.device = "cpu"):
+        self.denoiser, self.text_encoder, self.method, self.data, self.cfg = denoiser, text_encoder, method, data, cfg
         self.device = torch.device(device)
         self.compute_dtype = pick_dtype(self.device, cfg.dtype)
         self.use_prior = data.class_images is not None and cfg.class_prompt is not None and cfg.prior_weight > 0
@@ -110,61 +57,84 @@ class DreamBoothLoraTrainer:
             raise UserInputError("class images were given without a class prompt (e.g. --class-prompt \"a toy\")")
         if cfg.class_prompt is not None and cfg.prior_weight > 0 and data.class_images is None:
             raise UserInputError("prior preservation needs class images: give a folder or a number to generate")
+        if self.use_prior and not method.uses_prior:
+            raise UserInputError(f"{method.name} does not train the denoiser, so class images (prior preservation) "
+                                 "have nothing to preserve: leave out the class prompt and class images")
+        method.check_prompts(cfg.instance_prompts)
+        method.preflight(denoiser, text_encoder)
 
-        torch.manual_seed(cfg.seed)  # peft's Kaiming init of lora_A draws from the global generator
-        self.roots: list[AdapterRoot] = list(denoiser.adapter_roots(cfg.unet_targets))
-        if cfg.train_text_encoder:
-            self.roots += text_encoder.adapter_roots(cfg.text_targets)
-        for r in self.roots:
-            if not r.paths:
-                raise UserInputError(f"no layers named {cfg.unet_targets if r.prefix == 'lora_unet_' else cfg.text_targets} in the model")
-            for m in r.module.parameters():
-                m.requires_grad_(False)
-            try:
-                attach_lora(r.module, r.paths, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-            except ValueError as e:
-                raise UserInputError(str(e)) from None
-        self.params = {f"{r.prefix}{n}": p for r in self.roots for n, p in r.module.named_parameters() if p.requires_grad}
-        unet_params = [p for n, p in self.params.items() if n.startswith("lora_unet_")]
-        text_params = [p for n, p in self.params.items() if not n.startswith("lora_unet_")]
-        groups = [{"params": unet_params, "lr": cfg.lr}]
-        if text_params:
-            groups.append({"params": text_params, "lr": cfg.text_lr or cfg.lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        torch.manual_seed(cfg.seed)  # initialisations (peft's Kaiming init of lora_A, …) draw from the global RNG
+        try:
+            self.groups: list[ParamGroup] = method.attach(denoiser, text_encoder, cfg)
+        except BaseException:
+            method.detach()
+            raise
+        self.params = {n: p for g in self.groups for n, p in g.params.items()}
+        if not self.params:
+            method.detach()
+            raise UserInputError(f"{method.name} has nothing to train on this model")
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(g.params.values()), "lr": g.lr,
+              **({} if g.weight_decay is None else {"weight_decay": g.weight_decay})} for g in self.groups],
+            weight_decay=cfg.weight_decay)
         from diffusers.optimization import get_scheduler
 
         name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
+        self.fingerprint = fingerprint(cfg, method.settings)
         if cfg.gradient_checkpointing:
             denoiser.set_gradient_checkpointing(True)
-            if cfg.train_text_encoder:
+            if method.gradient_checkpointing_text:
                 text_encoder.set_gradient_checkpointing(True)
 
-        self.instance_latents = _LatentCache(denoiser, data.instance, cfg.random_flip > 0)
-        self.class_latents = _LatentCache(denoiser, data.class_images, cfg.random_flip > 0) if self.use_prior else None
+        self.instance_latents = LatentCache(denoiser, data.instance, cfg.random_flip > 0)
+        self.class_latents = LatentCache(denoiser, data.class_images, cfg.random_flip > 0) if self.use_prior else None
         self.masks = None
         if data.masks is not None:
             lat = self.instance_latents.mean.shape[-2:]
             self.masks = F.interpolate(data.masks.float(), size=lat, mode="area").cpu()
-        self.prompts = [cfg.instance_prompt] + ([cfg.class_prompt] if self.use_prior else [])
+        # prompt rows: the instance prompts, then the class prompt
+        self.prompts = list(cfg.instance_prompts) + ([cfg.class_prompt] if self.use_prior else [])
         self.cached_cond = None
-        if not cfg.train_text_encoder:
+        if not method.changes_text:
             with torch.no_grad(), self._autocast():
-                self.cached_cond = self._detach(text_encoder.encode(self.prompts))
+                self.cached_cond = text_encoder.encode(self.prompts).detached()
         self.step = 0
         self.losses: list[float] = []
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Detach the method (its own undo); the models are as before training."""
+        self.method.detach()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def export(self, steps: int | None = None, **info: str) -> dict[str, Artifact]:
+        """The method's files for the current state."""
+        return self.method.export(self.cfg, self.step if steps is None else steps, **info)
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    @staticmethod
-    def _detach(c: Conditioning) -> Conditioning:
-        return Conditioning(c.context.detach().float(), None if c.pooled is None else c.pooled.detach().float())
-
     # ------------------------------------------------------------------ one step
+    def _conditioning(self, rows: torch.Tensor) -> Conditioning:
+        """Conditioning for each sample's prompt row (encoded once, or every step when it is being trained)."""
+        if self.cached_cond is not None:
+            return self.cached_cond.select(rows)
+        used = sorted(set(rows.tolist()))
+        with self._autocast():
+            cond = self.text_encoder.encode([self.prompts[i] for i in used])
+        where = {r: k for k, r in enumerate(used)}
+        return cond.select(torch.tensor([where[int(r)] for r in rows]))
+
     def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         gen = step_generator(cfg.seed, step, micro)
@@ -189,19 +159,16 @@ class DreamBoothLoraTrainer:
         is_prior = torch.arange(n) >= bs
         noise = offset_noise(tuple(x0.shape), gen, cfg.noise_offset)
         t = torch.randint(0, self.denoiser.schedule.num_timesteps, (n,), generator=gen)
-
-        cond = self.cached_cond
-        if cond is None:
-            with self._autocast():
-                cond = self.text_encoder.encode(self.prompts)
-        cond = cond.select(is_prior.long())  # row 0 = instance prompt, row 1 = class prompt
+        n_inst = len(cfg.instance_prompts)
+        rows = torch.full((n,), n_inst, dtype=torch.long)  # class-prompt row for prior samples
+        rows[:bs] = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else 0
+        cond = self._conditioning(rows)
 
         dev = self.device
         x0, noise, t_dev = x0.to(dev), noise.to(dev), t.to(dev)
         x_t = self.denoiser.add_noise(x0, noise, t_dev)
         with self._autocast():
-            pred = self.denoiser.predict(x_t, t_dev, Conditioning(cond.context.to(dev),
-                                                                  None if cond.pooled is None else cond.pooled.to(dev)))
+            pred = self.denoiser.predict(x_t, t_dev, cond.to(dev))
         target = self.denoiser.target(x0, noise, t_dev)
         per = per_sample_mse(pred, target, None if masks is None else torch.cat(masks).to(dev))
         weights = None
@@ -223,19 +190,18 @@ class DreamBoothLoraTrainer:
             if os.path.exists(checkpoint_path):
                 self.step, self.losses, _ = load_checkpoint(checkpoint_path, params=self.params,
                                                             optimizer=self.optimizer, scheduler=self.scheduler,
-                                                            fingerprint=cfg.fingerprint())
+                                                            fingerprint=self.fingerprint)
                 log.info("resumed from %s at step %d", checkpoint_path, self.step)
             else:
                 log.info("no checkpoint at %s: starting from step 0", checkpoint_path)
-        for r in self.roots:
-            r.module.train(cfg.lora_dropout > 0)
+        self.method.set_training(True)
         start = time.perf_counter()
 
         def checkpoint() -> str | None:
             if checkpoint_path is None:
                 return None
             return save_checkpoint(checkpoint_path, step=self.step, params=self.params, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, losses=self.losses, fingerprint=cfg.fingerprint())
+                                   scheduler=self.scheduler, losses=self.losses, fingerprint=self.fingerprint)
 
         try:
             while self.step < cfg.steps:
@@ -270,13 +236,5 @@ class DreamBoothLoraTrainer:
                 checkpoint()
             raise
         finally:
-            for r in self.roots:
-                r.module.eval()
-        return TrainResult(self.adapter(), list(self.losses), self.step, time.perf_counter() - start)
-
-    def adapter(self) -> dict[str, LoraWeights]:
-        """The trained adapter, keyed by kohya names."""
-        out: dict[str, LoraWeights] = {}
-        for r in self.roots:
-            out.update(to_kohya(read_lora(r.module), r.prefix))
-        return out
+            self.method.set_training(False)
+        return TrainResult(list(self.losses), self.step, time.perf_counter() - start)

@@ -54,14 +54,32 @@ def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return im.convert("RGB")
 
 
+def scaled_crop_box(h: int, w: int, resolution: int) -> tuple[int, int, int, int]:
+    """The one resize-and-crop policy of the project: (new height, new width, top, left) of scaling the shorter
+    side of an h×w image to ``resolution`` and cutting the centre square."""
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    return nh, nw, (nh - resolution) // 2, (nw - resolution) // 2
+
+
 def resize_center_crop(im: Image.Image, resolution: int) -> Image.Image:
-    """Scale the shorter side to ``resolution`` (bicubic; Lanczos when shrinking), then centre-crop square."""
+    """PIL image → ``resolution``² (bicubic; Lanczos when shrinking), by :func:`scaled_crop_box`."""
     w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    nh, nw, top, left = scaled_crop_box(h, w, resolution)
+    im = im.resize((nw, nh), Image.LANCZOS if nh < h else Image.BICUBIC)
     return im.crop((left, top, left + resolution, top + resolution))
+
+
+def resize_center_crop_tensor(x: torch.Tensor, resolution: int, mode: str = "bicubic") -> torch.Tensor:
+    """[N,C,H,W] → [N,C,R,R] by :func:`scaled_crop_box` (antialiased when shrinking)."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    nh, nw, top, left = scaled_crop_box(h, w, resolution)
+    if (nh, nw) != (h, w):
+        kw = {"antialias": True} if mode in ("bilinear", "bicubic") and nh < h else {}
+        x = F.interpolate(x, size=(nh, nw), mode=mode, **({"align_corners": False} if mode != "area" else {}), **kw)
+    return x[..., top:top + resolution, left:left + resolution]
 
 
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -14,6 +14,27 @@ import torch
 from torch import nn
 
 ADAPTER_NAME = "fewshot"
+#: default LoRA targets: the UNet's attention projections and the text encoders' self-attention projections
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def linear_paths(root: nn.Module, targets: tuple[str, ...], within: str = "") -> list[str]:
+    """Paths of ``nn.Linear`` modules whose name ends with one of ``targets`` (and contains ``within``)."""
+    return [n for n, m in root.named_modules()
+            if isinstance(m, nn.Linear) and within in n and any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def check_rank(root: nn.Module, paths: list[str], rank: int) -> None:
+    """Refuse a rank larger than the smallest adapted layer allows (ValueError naming the layer)."""
+    modules = dict(root.named_modules())
+    for p in paths:
+        m = modules.get(p)
+        if m is None:
+            raise ValueError(f"no module named {p!r}")
+        smallest = min(m.in_features, m.out_features)
+        if rank > smallest:
+            raise ValueError(f"rank {rank} is larger than layer {p} allows ({m.in_features}→{m.out_features}: at most {smallest})")
 
 
 @dataclass
@@ -44,14 +65,7 @@ def attach_lora(root: nn.Module, module_paths: list[str], rank: int, alpha: floa
 
     if not module_paths:
         raise ValueError("no layers to adapt")
-    modules = dict(root.named_modules())
-    for p in module_paths:
-        m = modules.get(p)
-        if m is None:
-            raise ValueError(f"no module named {p!r}")
-        smallest = min(m.in_features, m.out_features)
-        if rank > smallest:
-            raise ValueError(f"rank {rank} is larger than layer {p} allows ({m.in_features}→{m.out_features}: at most {smallest})")
+    check_rank(root, module_paths, rank)
     pattern = "^(" + "|".join(re.escape(p) for p in module_paths) + ")$"
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=dropout,
                         target_modules=pattern, init_lora_weights=True)
@@ -94,12 +108,16 @@ def write_lora(root: nn.Module, weights: dict[str, LoraWeights]) -> None:
 
 
 def detach_lora(root: nn.Module) -> int:
-    """Put every wrapped base layer back where its LoRA wrapper was (un-merged). Returns the count."""
+    """Put every wrapped base layer back where its LoRA wrapper was (un-merged), drop peft's bookkeeping
+    attribute and leave every parameter frozen. Returns the number of layers unwrapped."""
     layers = lora_layers(root)
     for path, layer in layers.items():
         parent_path, _, child = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
         setattr(parent, child, layer.get_base_layer())
+    root.__dict__.pop("peft_config", None)
+    for p in root.parameters():
+        p.requires_grad_(False)
     return len(layers)
 
 

@@ -1,7 +1,7 @@
 """IMAGE / MASK handling of the trainer node and its loss-curve picture.
 
 Policy for training images of any size: scale the shorter side to the training resolution, then centre-crop a
-square (the same policy as the command line, ``kernels.images.resize_center_crop``). A mask is cropped the same
+square (the project's one policy, ``kernels.core.images.scaled_crop_box``). A mask is cropped the same
 way as its image; a mask whose size differs from its image is first resized to the image's size (bilinear),
 and the node says so in the log and in its UI text (``notes``).
 """
@@ -13,23 +13,13 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ..kernels.errors import UserInputError
+from ...kernels.core.errors import UserInputError
+from ...kernels.core.images import resize_center_crop_tensor as resize_center_crop
+from ...kernels.core.plots import loss_curve
 
 log = logging.getLogger(__name__)
-
-
-def resize_center_crop(x: torch.Tensor, resolution: int, mode: str = "bicubic") -> torch.Tensor:
-    """[N,C,H,W] → [N,C,R,R]: shorter side scaled to R, then the centre square."""
-    h, w = x.shape[-2:]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    if (nh, nw) != (h, w):
-        kw = {"antialias": True} if mode in ("bilinear", "bicubic") and scale < 1 else {}
-        x = F.interpolate(x, size=(nh, nw), mode=mode, **({"align_corners": False} if mode != "area" else {}), **kw)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return x[..., top:top + resolution, left:left + resolution]
 
 
 def images_to_training(images: list[torch.Tensor], resolution: int, notes: list[str] | None = None) -> torch.Tensor:
@@ -92,34 +82,11 @@ def masks_to_training(masks: list[torch.Tensor], images: list[torch.Tensor], res
     return torch.cat(out)
 
 
-def loss_curve_image(losses: list[float], width: int = 512, height: int = 256, title: str = "") -> torch.Tensor:
-    """A loss-per-step chart (raw and moving average) as a ComfyUI IMAGE [1,H,W,3]."""
-    im = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(im)
-    left, right, top, bottom = 48, width - 12, 24, height - 28
-    d.rectangle([left, top, right, bottom], outline=(180, 180, 180))
-    vals = np.asarray([v for v in losses if np.isfinite(v)], dtype=np.float64)
-    d.text((left, 6), title or f"loss over {len(losses)} steps", fill=(0, 0, 0))
-    if len(vals):
-        lo, hi = float(vals.min()), float(vals.max())
-        hi = hi if hi > lo else lo + 1e-8
-        d.text((4, top), f"{hi:.3g}", fill=(80, 80, 80))
-        d.text((4, bottom - 10), f"{lo:.3g}", fill=(80, 80, 80))
-        d.text((left, bottom + 8), "step 1", fill=(80, 80, 80))
-        d.text((right - 60, bottom + 8), f"step {len(vals)}", fill=(80, 80, 80))
+def pil_to_image(im: Image.Image) -> torch.Tensor:
+    """A PIL picture as a ComfyUI IMAGE [1,H,W,3] in 0..1."""
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
-        def pts(series):
-            n = max(len(series) - 1, 1)
-            return [(left + (right - left) * i / n, bottom - (bottom - top) * (v - lo) / (hi - lo)) for i, v in enumerate(series)]
 
-        if len(vals) > 1:
-            d.line(pts(vals), fill=(160, 190, 230), width=1)
-            k = max(1, len(vals) // 20)
-            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
-            if len(smooth) > 1:
-                d.line(pts(smooth), fill=(20, 70, 160), width=2)
-        else:
-            x, y = pts(vals)[0]
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 70, 160))
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr)[None]
+def loss_curve_image(losses: list[float], title: str = "") -> torch.Tensor:
+    """The engine's loss-per-step chart (raw and moving average) as a ComfyUI IMAGE."""
+    return pil_to_image(loss_curve(losses, title=title or f"loss over {len(losses)} steps", size=(512, 256)))

@@ -14,23 +14,35 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import UserInputError
-from .lora import LoraWeights
+from ..adapters.lora import LoraWeights
+from ..core.errors import UserInputError
+from .metadata import fsp_metadata
 from .safetensors_io import atomic_save, load_safetensors
 
-FORMAT_VERSION = "1"
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _KOHYA_BASE = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
+def text_prefix(family: str, which: int) -> str:
+    """The kohya module prefix of text encoder ``which`` (``lora_te_``; SDXL: ``lora_te1_`` / ``lora_te2_``)."""
+    return f"lora_te{which + 1}_" if family == "sdxl" else "lora_te_"
+
+
 def kohya_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
-def to_kohya(weights: dict[str, LoraWeights], prefix: str) -> dict[str, LoraWeights]:
-    """{module path: weights} → {kohya module name: weights}."""
+def to_kohya(weights: dict[str, LoraWeights], prefix: str,
+             canonical: dict[str, str] | None = None) -> dict[str, LoraWeights]:
+    """{module path: weights} → {kohya module name: weights}; ``canonical`` renames module paths first (e.g.
+    ComfyUI's LDM UNet paths → diffusers paths)."""
+    if canonical is not None:
+        unknown = [p for p in weights if p not in canonical]
+        if unknown:
+            raise UserInputError(f"no diffusers name for adapted layer {unknown[0]}")
+        weights = {canonical[p]: w for p, w in weights.items()}
     return {kohya_name(prefix, p): w for p, w in weights.items()}
 
 
@@ -85,24 +97,13 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor], source: str = "adapter"
 
 
 def lora_metadata(*, family: str, method: str, rank: int, alpha: float, steps: int, **fields) -> dict[str, str]:
-    """The metadata block of a LoRA file: ``fsp.*`` (ours) and kohya's ``ss_*`` basics."""
-    meta = {
-        "fsp.format_version": FORMAT_VERSION,
-        "fsp.method": method,
-        "fsp.base_family": family,
-        "fsp.rank": str(rank),
-        "fsp.alpha": str(alpha),
-        "fsp.steps": str(steps),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_base_model_version": _KOHYA_BASE.get(family, family),
-        "ss_steps": str(steps),
-    }
-    for k, v in fields.items():
-        if v is not None:
-            meta[f"fsp.{k}"] = v if isinstance(v, str) else str(v)
-    return meta
+    """The metadata block of a LoRA file: ``fsp.*`` (:func:`fsp_metadata`) and kohya's ``ss_*`` basics."""
+    return {**fsp_metadata(method=method, family=family, steps=steps, rank=rank, alpha=alpha, **fields),
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha),
+            "ss_base_model_version": _KOHYA_BASE.get(family, family),
+            "ss_steps": str(steps)}
 
 
 def save_lora_file(path: str | os.PathLike, weights: dict[str, LoraWeights], metadata: dict[str, str],
@@ -115,13 +116,3 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, LoraWeights], dic
     """Read a kohya LoRA file (ours or another trainer's); never unpickles."""
     tensors, meta = load_safetensors(path)
     return parse_lora_tensors(tensors, source=str(path)), meta
-
-
-def check_family(meta: dict[str, str], family: str, source: str) -> None:
-    """Refuse an adapter whose recorded base family differs from the model's (e.g. an SDXL LoRA on SD1.5)."""
-    recorded = meta.get("fsp.base_family")
-    if recorded is None:
-        version = meta.get("ss_base_model_version", "")
-        recorded = {"sd_v1": "sd1", "sd_v2": "sd2"}.get(version, "sdxl" if version.startswith("sdxl") else None)
-    if recorded is not None and recorded != family:
-        raise UserInputError(f"{source} was trained for a {recorded} model, but this model is {family}")

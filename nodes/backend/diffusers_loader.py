@@ -43,7 +43,7 @@ import torch
 from comfy import diffusers_convert
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
-from ..kernels.errors import UserInputError
+from ...kernels.core.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def load_diffusers_folder(folder: str | os.PathLike, embedding_directory=None):
 def demo_model_folder() -> Path:
     """The shipped demo model, or a ValueError that says it is not there yet."""
     try:
-        from ..kernels.demo.model import demo_model_path
+        from ...kernels.demo.model import demo_model_path
     except ImportError as e:
         raise UserInputError("the demo model is not part of this installation yet "
                              f"(fewshot_personalize.kernels.demo.model is missing: {e}); "
@@ -395,9 +395,9 @@ _TINY: dict[int, str] = {}
 
 
 def tiny_model_folder(seed: int = 0) -> Path:
-    """A tiny random SD1-style diffusers folder (kernels.tiny_models), built once per process and seed."""
+    """A tiny random SD1-style diffusers folder (kernels.testing.tiny_models), built once per process and seed."""
     if seed not in _TINY or not Path(_TINY[seed], "model_index.json").is_file():
-        from ..kernels.tiny_models import build_tiny_sd
+        from ...kernels.testing.tiny_models import build_tiny_sd
 
         root = Path(tempfile.gettempdir()) / "fewshot_personalize_tiny"
         root.mkdir(exist_ok=True)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .errors import UserInputError
+from ..core.errors import UserInputError
 from .safetensors_io import atomic_save, load_safetensors
 
 

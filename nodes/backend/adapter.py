@@ -15,9 +15,10 @@ import comfy.lora
 import comfy.sd
 from comfy_api.latest import io
 
-from ..kernels.errors import UserInputError
-from ..kernels.lora import LoraWeights
-from ..kernels.lora_format import check_family, lora_tensors, parse_lora_tensors
+from ...kernels.core.errors import UserInputError
+from ...kernels.adapters.lora import LoraWeights
+from ...kernels.formats.lora_file import lora_tensors, parse_lora_tensors
+from ...kernels.formats.metadata import check_family
 
 log = logging.getLogger(__name__)
 

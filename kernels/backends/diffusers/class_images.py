@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .generate import generate_images, save_images
-from .images import IMAGE_EXTENSIONS
+from ...core.images import IMAGE_EXTENSIONS
 
 
 def default_cache_dir(base: str, class_prompt: str, resolution: int) -> Path:

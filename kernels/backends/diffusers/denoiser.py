@@ -1,0 +1,56 @@
+"""Denoiser seam over a diffusers pipeline: UNet2DConditionModel + the pipeline's noise schedule + AutoencoderKL."""
+
+from __future__ import annotations
+
+import torch
+
+from ...adapters.lora import UNET_TARGETS, linear_paths
+from ...core.noise_schedule import NoiseSchedule
+from ...engine.seams import AdapterRoot, Conditioning
+from .pipeline import detect_family, vae_scale
+
+
+class DiffusersDenoiser:
+    def __init__(self, pipe, family: str | None = None):
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.family = family or detect_family(pipe)
+        sched = pipe.scheduler
+        self.schedule = NoiseSchedule(sched.alphas_cumprod, sched.config.get("prediction_type", "epsilon"))
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.vae_scale = vae_scale(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def add_noise(self, x0, noise, t):
+        return self.schedule.add_noise(x0, noise, t)
+
+    def target(self, x0, noise, t):
+        return self.schedule.target(x0, noise, t)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        mean = (dist.mean - self.shift_factor) * self.scaling_factor
+        return mean.float(), (dist.std * self.scaling_factor).float()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = None
+        if self.family == "sdxl":
+            h, w = x_t.shape[-2] * self.vae_scale, x_t.shape[-1] * self.vae_scale
+            # add_time_ids = (original size, crop top-left, target size): SDXL report §2.2
+            time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], 6)
+            added = {"text_embeds": cond.pooled.to(x_t.dtype), "time_ids": time_ids}
+        return self.unet(x_t, t.to(x_t.device), encoder_hidden_states=cond.context.to(x_t.dtype),
+                         added_cond_kwargs=added).sample
+
+    def adapter_roots(self, targets: tuple[str, ...] = UNET_TARGETS) -> list[AdapterRoot]:
+        return [AdapterRoot("lora_unet_", self.unet, linear_paths(self.unet, targets, within="attn"))]
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()

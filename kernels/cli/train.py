@@ -1,0 +1,142 @@
+"""``train``: any method on a diffusers model (or the demo model), written to adapter files."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..core.errors import UserInputError
+from ..engine.captions import captions
+from ..engine.config import TrainConfig
+from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings,
+                       PivotalTuning, TextualInversion, TextualInversionSettings)
+from .common import base_name, resolve_base
+
+#: learning rate when --lr is not given: LoRA as diffusers' DreamBooth-LoRA recipes; TI as A1111/kohya practice;
+#: CatVersion as the paper's effective rate (5e-3 × batch 2)
+DEFAULT_LR = {"dreambooth-lora": 1e-4, "pivotal": 1e-4, "textual-inversion": 5e-3, "catversion": 1e-2}
+DEFAULT_EMBEDDING_LR = 5e-3
+
+
+def build_method(a):
+    """The method object of the command line's flags (settings are validated here, before any model loads)."""
+    lora = lambda: LoraSettings(rank=a.rank, alpha=a.alpha, train_text_encoder=a.train_text_encoder,  # noqa: E731
+                                text_lr=a.text_lr,
+                                unet_targets=tuple(s.strip() for s in a.unet_targets.split(",") if s.strip()))
+    ti = lambda lr=None: TextualInversionSettings(token=a.token, init_word=a.init_word,  # noqa: E731
+                                                  num_vectors=a.num_vectors, lr=lr)
+    if a.method == DreamBoothLora.name:
+        return DreamBoothLora(lora())
+    if a.method == TextualInversion.name:
+        return TextualInversion(ti())
+    if a.method == CatVersion.name:
+        layers = None
+        if a.catversion_layers:
+            try:
+                layers = tuple(int(x) for x in a.catversion_layers.split(",") if x.strip())
+            except ValueError:
+                raise UserInputError(f"--catversion-layers {a.catversion_layers!r}: give layer numbers like 9,10,11") from None
+        return CatVersion(CatVersionSettings(layers=layers, num_tokens=a.catversion_tokens))
+    return PivotalTuning(PivotalSettings(lora=lora(), embedding=ti(a.embedding_lr or DEFAULT_EMBEDDING_LR)))
+
+
+def instance_prompts(a) -> tuple[str, ...]:
+    if a.prompt is not None:
+        return (a.prompt,)
+    if a.method == DreamBoothLora.name:
+        raise UserInputError('dreambooth-lora needs --prompt with a rare identifier, e.g. --prompt "a sks toy"')
+    subject = a.init_word if a.method == CatVersion.name else a.token
+    return captions(a.templates, subject)
+
+
+def output_paths(out: Path, method: str) -> dict[str, Path]:
+    """Where each part goes: the main file is --out; pivotal adds its two parts beside it."""
+    paths = {"main": out}
+    if method == PivotalTuning.name:
+        stem = str(out.with_suffix(""))
+        paths.update(lora=Path(stem + "-lora.safetensors"), embedding=Path(stem + "-embedding.safetensors"))
+    return paths
+
+
+def cmd_train(a) -> int:
+    from tqdm import tqdm
+
+    from ..backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline, native_resolution
+    from ..backends.diffusers.class_images import default_cache_dir, ensure_class_images
+    from ..backends.diffusers.generate import use_sampler
+    from ..core.devices import default_device
+    from ..core.images import list_images, load_image_folder
+    from ..engine.data import TrainData
+    from ..engine.loop import Trainer
+    from ..formats.safetensors_io import atomic_save, check_output_path
+
+    method = build_method(a)
+    # validated before the model loads; resolution 8 stands in for the model's native size until then
+    cfg = TrainConfig(instance_prompts=instance_prompts(a), class_prompt=a.class_prompt, prior_weight=a.prior_weight,
+                      steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                      lr=a.lr if a.lr is not None else DEFAULT_LR[a.method], lr_schedule=a.lr_schedule,
+                      warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma, noise_offset=a.noise_offset,
+                      random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing, resolution=a.resolution or 8,
+                      seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype)
+    method.check_prompts(cfg.instance_prompts)
+    if (a.class_prompt or a.class_images or a.num_class_images) and not METHODS[a.method].uses_prior:
+        raise UserInputError(f"{a.method} trains no denoiser weights, so prior preservation does not apply: "
+                             "leave out --class-prompt / --class-images / --num-class-images")
+    out = check_output_path(a.out, overwrite=a.overwrite or a.resume)
+    paths = output_paths(out, a.method)
+    for p in paths.values():
+        check_output_path(p, overwrite=a.overwrite or a.resume)
+    if a.num_class_images is not None and a.num_class_images < 1:
+        raise UserInputError(f"--num-class-images must be at least 1, got {a.num_class_images}")
+    if (a.class_images or a.num_class_images) and not a.class_prompt:
+        raise UserInputError("class images need a class prompt (--class-prompt \"a toy\")")
+    list_images(a.images)  # fail fast on a missing/empty folder, before loading the model
+    device = a.device or default_device()
+    pipe = load_pipeline(resolve_base(a.base), device)
+    cfg = dataclasses.replace(cfg, resolution=a.resolution or native_resolution(pipe))
+    denoiser, text = DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe)
+    method.preflight(denoiser, text)  # rank, layers, placeholder: refused before any slow work
+    instance = load_image_folder(a.images, cfg.resolution)
+
+    class_pixels = None
+    if a.class_prompt:
+        folder = a.class_images
+        if a.num_class_images or not folder:
+            num = a.num_class_images or 100
+            folder = folder or str(default_cache_dir(a.base, a.class_prompt, cfg.resolution))
+            use_sampler(pipe, "dpm")
+            with tqdm(total=num, desc="class images", unit="img", leave=False) as bar:
+                ensure_class_images(pipe, a.class_prompt, folder, num, seed=a.seed, resolution=cfg.resolution,
+                                    on_image=lambda i, n: bar.update(1))
+        class_pixels = load_image_folder(folder, cfg.resolution)
+        if a.num_class_images:
+            class_pixels = class_pixels[: a.num_class_images]
+
+    ckpt = str(out.with_suffix("")) + ".checkpoint.safetensors"
+    with Trainer(denoiser, text, method, TrainData(instance, class_pixels), cfg, device=device) as trainer:
+        bar = tqdm(total=cfg.steps, desc=f"train {a.method}", unit="step")
+        if a.resume and os.path.exists(ckpt):
+            bar.set_description(f"train {a.method} (resumed)")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.refresh()
+
+        try:
+            result = trainer.train(on_step=on_step, checkpoint_path=ckpt, resume=a.resume)
+        finally:
+            bar.close()
+        artifacts = trainer.export(base_model=base_name(a.base), final_loss=f"{result.losses[-1]:.6f}",
+                                   trainer="cli")
+    written = []
+    for part, artifact in artifacts.items():
+        path = paths["main"] if len(artifacts) == 1 or part == "pivotal" else paths[part]
+        atomic_save(artifact.tensors, path, artifact.metadata, overwrite=a.overwrite or a.resume)
+        written.append(str(path))
+    if os.path.exists(ckpt):
+        os.unlink(ckpt)
+    print(f"trained {result.steps} steps of {a.method} in {result.seconds:.1f} s "
+          f"({result.seconds / max(1, result.steps):.3f} s/step), final loss {result.final_loss()} → {', '.join(written)}")
+    return 0
