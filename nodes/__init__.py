@@ -1,13 +1,26 @@
-"""ComfyUI glue: node classes (one file per concern). The only code in this pack that imports comfy.*."""
+"""ComfyUI glue: node classes (one file per concern) over the ComfyUI back end in ``backend/``. The only code in
+this pack that imports comfy.*."""
 
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_adapter import ApplyAdapter
+from .backend.catversion import register_folder
+from .catversion import LoadCatVersion, SaveCatVersion
 from .demo_loader import LoadDemoModel
 from .save_adapter import SaveAdapter
+from .save_embedding import SaveEmbedding
 from .train import TrainConcept
+from .train_catversion import TrainCatVersion
+from .train_embedding import TrainTextualInversion
+from .training_images import LoadDemoConcept, LoadImageFolder
 
-NODES: list[type[io.ComfyNode]] = [TrainConcept, SaveAdapter, ApplyAdapter, LoadDemoModel]
+register_folder()  # models/catversion
+
+NODES: list[type[io.ComfyNode]] = [
+    TrainConcept, TrainTextualInversion, TrainCatVersion,  # fewshot/train
+    SaveAdapter, ApplyAdapter, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
+    LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
+]
 
 
 class FewshotPersonalizeExtension(ComfyExtension):

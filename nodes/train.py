@@ -9,53 +9,19 @@ from __future__ import annotations
 import logging
 import os
 
-import comfy.model_management
-import comfy.sample
-import comfy.utils
-import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
-from ..kernels.core.errors import TrainingDiverged, UserInputError
+from ..kernels.core.errors import UserInputError
 from ..kernels.engine.config import TrainConfig
 from ..kernels.engine.data import TrainData
-from ..kernels.engine.loop import Trainer
 from ..kernels.formats.lora_file import parse_lora_tensors
-from ..kernels.formats.safetensors_io import safe_join
 from ..kernels.methods import DreamBoothLora, LoraSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
-from .backend.images import images_to_training, loss_curve_image, masks_to_training
-from .backend.session import TrainingSession
+from .backend.images import images_to_training, loss_curve_image
+from .backend.training import (checkpoint_path, report_outputs, encode_text, first as _first, instance_pixels, preview_or_blank,
+                               run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "fewshot_checkpoints"
-
-
-def _first(v, default=None):
-    """Inputs arrive as lists (the node reads whole lists, so images of different sizes can come in)."""
-    if isinstance(v, list):
-        return v[0] if v else default
-    return default if v is None else v
-
-
-def checkpoint_path(name: str) -> str:
-    folder = os.path.join(folder_paths.get_output_directory(), CHECKPOINT_DIR)
-    os.makedirs(folder, exist_ok=True)
-    return str(safe_join(folder, f"{name}.safetensors"))
-
-
-def sample_preview(model, clip, vae, prompt: str, seed: int, steps: int, size: int, cfg: float = 5.0) -> torch.Tensor:
-    """One image of ``prompt`` from the trained MODEL/CLIP (euler, normal schedule) as an IMAGE [1,H,W,3]."""
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    ds = vae.spacial_compression_encode()
-    latent = torch.zeros(1, vae.latent_channels, size // ds, size // ds)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent,
-                                  denoise=1.0, disable_pbar=True, seed=seed)
-    return vae.decode(samples)
-
 
 class TrainConcept(io.ComfyNode):
     @classmethod
@@ -110,8 +76,7 @@ class TrainConcept(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
                 io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the adapter applied (unchanged if not trained)."),
                 AdapterSocket.Output(display_name="adapter", tooltip="The trained adapter, for Save adapter / Apply adapter."),
-                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
-                io.Image.Output(display_name="preview", tooltip="A sample of the instance prompt from the trained model."),
+                *report_outputs("A sample of the instance prompt from the trained model."),
             ],
         )
 
@@ -137,8 +102,7 @@ class TrainConcept(io.ComfyNode):
         name = (_first(checkpoint_name, "") or "").strip()
         preview_steps = _first(preview_steps, 20)
         notes: list[str] = []  # what was done to the inputs, shown in the node's UI text
-        pixels = images_to_training(images, resolution, notes)
-        masks = masks_to_training(mask, images, resolution, notes) if mask and any(m is not None for m in mask) else None
+        pixels, masks = instance_pixels(images, mask, resolution, notes)
         cls_pixels = (images_to_training(class_images, resolution, notes)
                       if class_images and any(c is not None for c in class_images) else None)
         if cls_pixels is not None and not class_prompt:
@@ -152,31 +116,15 @@ class TrainConcept(io.ComfyNode):
         ckpt = checkpoint_path(name) if name else None
         data = TrainData(pixels, cls_pixels, masks)
 
-        pbar = comfy.utils.ProgressBar(cfg.steps)
-
-        def on_step(step, total, loss):
-            pbar.update_absolute(step, total)  # also ComfyUI's Cancel check
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
-        with torch.inference_mode(False):
-            with TrainingSession(model, clip, vae, method.changes_text) as session, \
-                    Trainer(session.denoiser, session.text_encoder, method, data, cfg,
-                            device=session.denoiser.device) as trainer:
-                try:
-                    result = trainer.train(on_step=on_step, checkpoint_path=ckpt, resume=bool(_first(resume)))
-                except TrainingDiverged as e:
-                    raise ValueError(str(e)) from None
-                family = session.denoiser.family
-                lora = trainer.export(trainer="comfyui", final_loss=f"{result.losses[-1]:.6f}")["lora"]
-
+        result, artifacts, family = run_training(model, clip, vae, method, data, cfg, checkpoint=ckpt,
+                                                 resume=bool(_first(resume)))
+        lora = artifacts["lora"]
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained adapter"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)
         losses = loss_curve_image(result.losses, title=f"loss over {result.steps} steps ({result.seconds:.1f} s)")
-        if preview_steps:
-            preview = sample_preview(out_model, out_clip, vae, cfg.instance_prompt, cfg.seed, preview_steps, resolution)
-        else:
-            preview = torch.zeros(1, 64, 64, 3)
-        summary = (f"trained {result.steps} steps in {result.seconds:.1f} s, {len(adapter.weights)} adapted layers, "
-                   f"final loss {result.final_loss()}")
-        log.info(summary)
-        return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([summary, *notes])))
+        preview = preview_or_blank(lambda: sample_preview(
+            out_model, vae, encode_text(out_clip, out_clip.tokenize(cfg.instance_prompt)),
+            encode_text(out_clip, out_clip.tokenize("")), cfg.seed, preview_steps, resolution), preview_steps)
+        text = summary(result, f"{len(adapter.weights)} adapted layers")
+        log.info(text)
+        return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([text, *notes])))

@@ -204,3 +204,19 @@ def test_a_failing_attach_detaches_what_was_attached(tiny_sdxl):
     assert _same_state(before, _state(pipe))
     from fewshot_personalize.kernels.adapters.lora import lora_layers
     assert not lora_layers(pipe.unet) and not lora_layers(pipe.text_encoder_2)  # both SDXL encoders clean
+
+
+def test_a_failure_after_attaching_detaches_the_method(tiny_sd):
+    """E.g. ComfyUI's Cancel raised while the training images are being encoded: nothing stays attached."""
+    pipe = load_pipeline(tiny_sd)
+    before = _state(pipe)
+    denoiser = DiffusersDenoiser(pipe)
+
+    def cancelled(pixels):
+        raise KeyboardInterrupt
+
+    denoiser.encode_images = cancelled
+    method = DreamBoothLora(LoraSettings(rank=2, train_text_encoder=True))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(denoiser, DiffusersTextEncoder(pipe), method, _data(), TrainConfig("a sks toy", steps=1, resolution=32))
+    assert _same_state(before, _state(pipe)) and not method.roots

@@ -22,7 +22,7 @@ UI_ONLY = {"Note", "MarkdownNote"}
 def our_node_ids() -> set[str]:
     """Node ids declared in nodes/*.py (read from the source: ComfyUI is not importable here)."""
     ids = set()
-    for f in (ROOT / "nodes").glob("*.py"):
+    for f in (ROOT / "nodes").rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "node_id" and isinstance(node.value, ast.Constant):
                 ids.add(node.value.value)
@@ -59,3 +59,15 @@ def test_workflow_twins_parse_and_agree(name):
     for link in ui["links"]:
         assert link[1] in ui_types and link[3] in ui_types
     assert any(v == "FSP_LoadDemoModel" for v in api_types.values())
+    # training images come in the way users bring them (a loader node), not painted with image nodes
+    if any(v.startswith("FSP_Train") for v in api_types.values()):
+        assert {"FSP_LoadDemoConcept", "FSP_LoadImageFolder"} & set(api_types.values()), name
+
+
+def test_every_trainer_and_the_catversion_loader_have_an_example():
+    used = set()
+    for p in API.glob("*.json"):
+        used |= {v["class_type"] for v in json.loads(p.read_text()).values()}
+    wanted = {i for i in our_node_ids() if i.startswith("FSP_Train")} | {"FSP_LoadCatVersion", "FSP_SaveEmbedding",
+                                                                          "FSP_SaveCatVersion", "FSP_SaveAdapter"}
+    assert wanted <= used, wanted - used

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (e.g. 5)")
     t.add_argument("--noise-offset", type=float, default=0.0)
     t.add_argument("--flip", type=float, default=0.0, help="probability of a horizontal flip per sample")
+    t.add_argument("--background-weight", type=float, default=0.0,
+                   help="loss weight outside the subject when --images has masks (NAME_mask.png, masks/NAME.png or "
+                        "transparency; default 0: subject only)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--unet-targets", default="to_q,to_k,to_v,to_out.0", help="comma-separated UNet layer names")
     t.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")

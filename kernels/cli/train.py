@@ -66,7 +66,7 @@ def cmd_train(a) -> int:
     from ..backends.diffusers.class_images import default_cache_dir, ensure_class_images
     from ..backends.diffusers.generate import use_sampler
     from ..core.devices import default_device
-    from ..core.images import list_images, load_image_folder
+    from ..core.images import list_images, load_image_folder, load_masked_folder
     from ..engine.data import TrainData
     from ..engine.loop import Trainer
     from ..formats.safetensors_io import atomic_save, check_output_path
@@ -78,7 +78,8 @@ def cmd_train(a) -> int:
                       lr=a.lr if a.lr is not None else DEFAULT_LR[a.method], lr_schedule=a.lr_schedule,
                       warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma, noise_offset=a.noise_offset,
                       random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing, resolution=a.resolution or 8,
-                      seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype)
+                      seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype,
+                      background_loss_weight=a.background_weight)
     method.check_prompts(cfg.instance_prompts)
     if (a.class_prompt or a.class_images or a.num_class_images) and not METHODS[a.method].uses_prior:
         raise UserInputError(f"{a.method} trains no denoiser weights, so prior preservation does not apply: "
@@ -97,7 +98,11 @@ def cmd_train(a) -> int:
     cfg = dataclasses.replace(cfg, resolution=a.resolution or native_resolution(pipe))
     denoiser, text = DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe)
     method.preflight(denoiser, text)  # rank, layers, placeholder: refused before any slow work
-    instance = load_image_folder(a.images, cfg.resolution)
+    instance, masks, notes = load_masked_folder(a.images, cfg.resolution)
+    for note in notes:
+        print(f"note: {note}")
+    if masks is not None:
+        print(f"using the masks of {a.images} (loss outside the subject weighted {cfg.background_loss_weight})")
 
     class_pixels = None
     if a.class_prompt:
@@ -114,7 +119,7 @@ def cmd_train(a) -> int:
             class_pixels = class_pixels[: a.num_class_images]
 
     ckpt = str(out.with_suffix("")) + ".checkpoint.safetensors"
-    with Trainer(denoiser, text, method, TrainData(instance, class_pixels), cfg, device=device) as trainer:
+    with Trainer(denoiser, text, method, TrainData(instance, class_pixels, masks), cfg, device=device) as trainer:
         bar = tqdm(total=cfg.steps, desc=f"train {a.method}", unit="step")
         if a.resume and os.path.exists(ckpt):
             bar.set_description(f"train {a.method} (resumed)")

@@ -15,29 +15,41 @@ from .errors import UserInputError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+MASK_SUFFIX = "_mask"
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.stem.endswith(MASK_SUFFIX)
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; errors if the folder is missing or has none."""
+    """Image files directly in ``folder`` (not ``*_mask.*`` files), sorted by name; errors if the folder is missing
+    or has none."""
     p = Path(folder)
     if not p.is_dir():
         raise UserInputError(f"image folder {p} does not exist")
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(f))
     if not files:
         raise UserInputError(f"image folder {p} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
 
 
-def open_rgb(path: str | os.PathLike, background=(255, 255, 255)) -> Image.Image:
-    """Open one image as RGB: EXIF orientation applied, alpha composited on ``background``."""
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open one image as PIL reads it, EXIF orientation applied; a clear error for empty or unreadable files."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise UserInputError(f"image {path} is empty (0 bytes)")
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            return ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserInputError(f"image {path} cannot be read ({e})") from None
-    return to_rgb(im, background)
+
+
+def open_rgb(path: str | os.PathLike, background=(255, 255, 255)) -> Image.Image:
+    """Open one image as RGB: EXIF orientation applied, alpha composited on ``background``."""
+    return to_rgb(open_image(path), background)
 
 
 def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -97,3 +109,43 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 def load_image_folder(folder: str | os.PathLike, resolution: int) -> torch.Tensor:
     """All images of a folder as a training tensor [N, 3, R, R] in [-1, 1]."""
     return pil_to_tensor([resize_center_crop(open_rgb(f), resolution) for f in list_images(folder)])
+
+
+def mask_for(image: Path) -> Path | None:
+    """The mask file of a training photo: ``<stem>_mask.<ext>`` beside it, or ``masks/<stem>.<ext>``."""
+    for folder, stem in ((image.parent, image.stem + MASK_SUFFIX), (image.parent / "masks", image.stem)):
+        for ext in sorted(IMAGE_EXTENSIONS):
+            candidate = folder / (stem + ext)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_masked_folder(folder: str | os.PathLike, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """A folder of training photos with their masks where present: (pixels [N,3,R,R] in [-1,1], masks [N,1,R,R]
+    in [0,1] or None when no photo has one, notes). A mask comes from a mask file (:func:`mask_for`, white =
+    subject) or else from the photo's alpha channel; a photo without either gets an all-ones mask when others have
+    one. Masks get the same resize and crop as their photo."""
+    files = list_images(folder)
+    pixels, masks, notes, found = [], [], [], 0
+    for f in files:
+        im = open_image(f)
+        m = mask_for(f)
+        mask = None
+        if m is not None:
+            mask = open_image(m).convert("L")
+            if mask.size != im.size:
+                notes.append(f"mask {m.name} is {mask.size[0]}x{mask.size[1]} but {f.name} is {im.size[0]}x{im.size[1]}: "
+                             "resized to the photo")
+                mask = mask.resize(im.size, Image.BILINEAR)
+        elif im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            mask = im.convert("RGBA").getchannel("A")
+        found += mask is not None
+        pixels.append(resize_center_crop(to_rgb(im), resolution))
+        masks.append(resize_center_crop(mask if mask is not None else Image.new("L", im.size, 255), resolution))
+    if not found:
+        return pil_to_tensor(pixels), None, notes
+    if found < len(files):
+        notes.append(f"{len(files) - found} of {len(files)} photos have no mask: their whole image counts")
+    arr = np.stack([np.asarray(m, dtype=np.float32) / 255.0 for m in masks])
+    return pil_to_tensor(pixels), torch.from_numpy(arr)[:, None], notes

@@ -59,7 +59,7 @@ def loss_curve(losses: list[float], title: str = "training loss", size: tuple[in
             d.line(pts, fill=light, width=1)
             sm = smooth(s, max(1, len(s) // 20))
             d.line([xy(i, v) for i, v in enumerate(sm)], fill=dark, width=2)
-        d.text((w - right - 120, top + 4 + 14 * k), f"— {name}", fill=dark, font=font)
+        d.text((w - right - 120, top + 4 + 14 * k), f"- {name}", fill=dark, font=font)
     d.text((4, top - 6), f"{hi:.3g}", fill="black", font=font)
     d.text((4, h - bottom - 8), f"{lo:.3g}", fill="black", font=font)
     d.text((left, h - bottom + 6), "0", fill="black", font=font)

@@ -7,6 +7,7 @@ own score, prompt fidelity ≥ 85 % of the base model's, class-prior drift at le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -25,7 +26,13 @@ log = logging.getLogger(__name__)
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity", "train_seconds")
 
 
-def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, methods=METHODS) -> dict:
+def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, methods=METHODS,
+              rows: list[str] | None = None) -> dict:
+    """Run the benchmark and write quality.{md,json,png} into ``out``.
+
+    ``rows``: run only the rows of these names and keep every other row (and the base-model measurement and the
+    reference ceilings) from the record already in ``out``, which must be of the same seeds and concepts; each
+    row records the date it was run (``row_dates``)."""
     from tqdm import tqdm
 
     torch.set_num_threads(2)
@@ -33,12 +40,25 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
     ev = Evaluator.load()
     pipe = demo_pipeline()
     start = time.perf_counter()
-    base_quality = measure_model_quality(ev, lambda caption, seed: sample(pipe, caption, 1, seed)[0])
-    log.info("base model recognition on held-out captions: %s", base_quality["held_out"])
-    runs: list[dict] = []
-    refs = [reference_score(ev, c, s, pipe) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
-    vae_refs = [r.pop("through_vae") | {"concept": r["concept"], "seed": r["seed"]} for r in refs]
-    jobs = [(m, c, s) for m in methods for c in concepts for s in range(seeds)]
+    today = time.strftime("%Y-%m-%d")
+    earlier = _earlier_record(out, seeds, concepts) if rows else None
+    if rows:
+        unknown = sorted(set(rows) - {m.name for m in methods})
+        if unknown:
+            raise ValueError(f"unknown benchmark rows {unknown}; rows are {[m.name for m in methods]}")
+    if earlier is not None:
+        base_quality, refs, vae_refs = earlier["base_model_quality"], earlier["references"], earlier["references_through_vae"]
+        runs = [r for r in earlier["runs"] if r["method"] not in rows]
+        row_dates = {name: d for name, d in earlier.get("row_dates", {}).items() if name not in rows}
+        row_dates.update({r["method"]: earlier["date"] for r in runs if r["method"] not in row_dates})
+    else:
+        base_quality = measure_model_quality(ev, lambda caption, seed: sample(pipe, caption, 1, seed)[0])
+        log.info("base model recognition on held-out captions: %s", base_quality["held_out"])
+        refs = [reference_score(ev, c, s, pipe) | {"concept": c, "seed": s} for c in concepts for s in range(seeds)]
+        vae_refs = [r.pop("through_vae") | {"concept": r["concept"], "seed": r["seed"]} for r in refs]
+        runs, row_dates = [], {}
+    todo = [m for m in methods if not rows or m.name in rows]
+    jobs = [(m, c, s) for m in todo for c in concepts for s in range(seeds)]
     for m, c, s in tqdm(jobs, desc="bench", unit="run"):
         done = personalize(pipe, c, m, s)
         metrics = score(ev, pipe, c, s, personalized=done)
@@ -46,17 +66,31 @@ def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, meth
             done.remove()
         runs.append({"method": m.name, "concept": c, "seed": s, "train_seconds": done.result.seconds if done else 0.0,
                      **{k: metrics[k] for k in METRICS if k in metrics}, "per_prompt": metrics["per_prompt"]})
+        row_dates[m.name] = today
+    order = {m.name: i for i, m in enumerate(methods)}
+    runs.sort(key=lambda r: order.get(r["method"], len(order)))
     summary = summarise(runs, refs, vae_refs)
-    record = {"seeds": seeds, "concepts": concepts, "methods": [m.__dict__ for m in methods], "summary": summary,
-              "base_model_quality": base_quality,
-              "references": refs, "references_through_vae": vae_refs, "runs": runs,
-              "seconds": time.perf_counter() - start, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
+    record = {"seeds": seeds, "concepts": concepts, "methods": [dataclasses.asdict(m) for m in methods],
+              "summary": summary, "base_model_quality": base_quality,
+              "references": refs, "references_through_vae": vae_refs, "runs": runs, "row_dates": row_dates,
+              "seconds": time.perf_counter() - start + (earlier["seconds"] if earlier else 0.0),
+              "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": today}
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(record, indent=1))
     (out / "quality.md").write_text(markdown(record))
     chart(summary).save(out / "quality.png")
     print(markdown(record))
+    return record
+
+
+def _earlier_record(out: Path, seeds: int, concepts: list[str]) -> dict:
+    path = out / "quality.json"
+    if not path.is_file():
+        raise ValueError(f"--rows needs an earlier record to keep the other rows from, and {path} does not exist")
+    record = json.loads(path.read_text())
+    if record["seeds"] != seeds or record["concepts"] != concepts:
+        raise ValueError(f"{path} was run with {record['seeds']} seeds on {record['concepts']}; run the same to merge")
     return record
 
 
@@ -104,6 +138,17 @@ def markdown(record: dict) -> str:
                   f"- prompt fidelity = {100 * pf:.0f} % of the base model's (target ≥ 85 %)",
                   f"- class-prior drift above the base model: {excess_prior:+.3f} with prior vs {excess_noprior:+.3f} "
                   f"without (target: at most half)"]
+    ti, cv = s.get("Textual Inversion"), s.get("CatVersion")
+    if ti and cv:
+        lines += ["", "CatVersion vs Textual Inversion (the paper's claim: at least TI's subject fidelity at equal or "
+                      "better prompt fidelity):",
+                  f"- subject fidelity {cv['subject_fidelity'][0]:.3f} vs {ti['subject_fidelity'][0]:.3f}; prompt "
+                  f"fidelity {cv['prompt_fidelity'][0]:.3f} vs {ti['prompt_fidelity'][0]:.3f}; class-prior drift "
+                  f"{cv['class_prior_drift'][0]:.3f} vs {ti['class_prior_drift'][0]:.3f} (CatVersion acts on every "
+                  "prompt, so the bare class prompt shows the concept)"]
+    dates = record.get("row_dates", {})
+    if len(set(dates.values())) > 1:
+        lines += ["", "Rows run on: " + "; ".join(f"{name} {d}" for name, d in dates.items()) + "."]
     q = record.get("base_model_quality")
     if q:
         names = {"cls": "class", "colour": "colour", "context": "context", "all": "all three"}

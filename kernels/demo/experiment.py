@@ -78,6 +78,9 @@ METHODS = (
     Recipe("DreamBooth-LoRA, prior, UNet", prior=True),
     Recipe("DreamBooth-LoRA, no prior, UNet + text encoder", text=True),
     Recipe("DreamBooth-LoRA, prior, UNet + text encoder", prior=True, text=True),
+    Recipe("Textual Inversion", method=TextualInversion.name, lr=5e-3),
+    Recipe("CatVersion", method=CatVersion.name, lr=1e-2),
+    Recipe("pivotal tuning (TI + DreamBooth-LoRA, prior, UNet)", method=PivotalTuning.name, prior=True),
 )
 DEFAULT_METHOD = METHODS[4]
 

@@ -57,6 +57,8 @@ class TrainConfig:
             (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
             (0 <= self.warmup_steps, f"warmup steps must be ≥ 0, got {self.warmup_steps}"),
             (0.0 <= self.random_flip <= 1.0, f"flip probability must be in [0, 1], got {self.random_flip}"),
+            (0.0 <= self.background_loss_weight <= 1.0,
+             f"background loss weight must be in [0, 1], got {self.background_loss_weight}"),
             (self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}"),
             (self.snr_gamma is None or self.snr_gamma > 0, f"min-SNR gamma must be positive, got {self.snr_gamma}"),
             (self.checkpoint_every >= 0, f"checkpoint interval must be ≥ 0, got {self.checkpoint_every}"),

@@ -65,13 +65,15 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # initialisations (peft's Kaiming init of lora_A, …) draw from the global RNG
         try:
-            self.groups: list[ParamGroup] = method.attach(denoiser, text_encoder, cfg)
-        except BaseException:
+            self._setup(denoiser, text_encoder, method, data, cfg)
+        except BaseException:  # a failure (or Cancel) after attaching must not leave the method on the model
             method.detach()
             raise
+
+    def _setup(self, denoiser, text_encoder, method, data, cfg) -> None:
+        self.groups: list[ParamGroup] = method.attach(denoiser, text_encoder, cfg)
         self.params = {n: p for g in self.groups for n, p in g.params.items()}
         if not self.params:
-            method.detach()
             raise UserInputError(f"{method.name} has nothing to train on this model")
         self.optimizer = torch.optim.AdamW(
             [{"params": list(g.params.values()), "lr": g.lr,
@@ -105,8 +107,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Detach the method (its own undo); the models are as before training."""
+        """Detach the method (its own undo) and switch off gradient checkpointing again: the models are as
+        before training."""
         self.method.detach()
+        if self.cfg.gradient_checkpointing:
+            self.denoiser.set_gradient_checkpointing(False)
+            if self.method.gradient_checkpointing_text:
+                self.text_encoder.set_gradient_checkpointing(False)
 
     def __enter__(self) -> "Trainer":
         return self

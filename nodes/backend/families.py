@@ -38,3 +38,15 @@ def ldm_to_diffusers_paths(unet_config: dict) -> dict[str, str]:
         if diff.endswith(".weight") and ldm.endswith(".weight"):
             out[ldm[: -len(".weight")]] = diff[: -len(".weight")]
     return out
+
+
+def clip_family(clip) -> str:
+    """``sdxl`` (clip_l + clip_g), ``sd2`` (clip_h) or ``sd1`` (clip_l) for a ComfyUI CLIP."""
+    csm = clip.cond_stage_model
+    if hasattr(csm, "clip_g"):
+        return "sdxl"
+    if hasattr(csm, "clip_h"):
+        return "sd2"
+    if hasattr(csm, "clip_l"):
+        return "sd1"
+    raise UserInputError(f"this CLIP ({type(csm).__name__}) is not an SD1.x, SD2.x or SDXL text encoder")

@@ -92,8 +92,9 @@ class ComfyTextEncoder:
         table = self.modules[self.encoders[which].name].transformer.text_model.embeddings.token_embedding.weight
         return table[torch.tensor(ids, device=table.device)].detach().float().cpu().clone()
 
-    def _tokens(self, prompt: str) -> dict:
-        """ComfyUI token lists of one prompt; placeholders become their learned vectors (tensors)."""
+    def tokenize(self, prompt: str) -> dict:
+        """ComfyUI token lists of one prompt; placeholders become their learned vectors (tensors), which
+        ``clip.encode_from_tokens*`` splices in like ``embedding:NAME`` vectors."""
         if not self._placeholders:
             return self.clip.tokenize(prompt)
         out = {}
@@ -117,7 +118,7 @@ class ComfyTextEncoder:
             csm.set_clip_options({"layer": self.clip.layer_idx})
         ctx, pooled = [], []
         for p in prompts:
-            out = csm.encode_token_weights(self._tokens(p))
+            out = csm.encode_token_weights(self.tokenize(p))
             ctx.append(out[0])
             pooled.append(out[1])
         pooled_t = torch.cat(pooled) if self.family == "sdxl" and pooled[0] is not None else None

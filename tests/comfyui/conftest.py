@@ -89,3 +89,11 @@ def tiny_sdxl_objects(tiny_sdxl_folder):
 
     with torch.inference_mode():
         return load_diffusers_folder(tiny_sdxl_folder)
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def family_case(request):
+    """(family, diffusers folder, (MODEL, CLIP, VAE)) of the tiny SD1 model and of the tiny SDXL model."""
+    suffix = "" if request.param == "sd1" else "_sdxl"
+    return (request.param, request.getfixturevalue(f"tiny{suffix}_folder"),
+            request.getfixturevalue(f"tiny{suffix}_objects"))

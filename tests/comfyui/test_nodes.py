@@ -33,14 +33,6 @@ def loras_dir(tmp_path, monkeypatch):
     folder_paths.filename_list_cache.pop("loras", None)
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
-def family_case(request):
-    """(family, diffusers folder, (MODEL, CLIP, VAE)) of the tiny SD1 model and of the tiny SDXL model."""
-    suffix = "" if request.param == "sd1" else "_sdxl"
-    return (request.param, request.getfixturevalue(f"tiny{suffix}_folder"),
-            request.getfixturevalue(f"tiny{suffix}_objects"))
-
-
 def images(n=3, h=RES, w=RES, seed=0):
     return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
@@ -102,7 +94,9 @@ def test_entrypoint_lists_nodes():
 
     nodes = asyncio.run(asyncio.run(comfy_entrypoint()).get_node_list())
     ids = {n.define_schema().node_id for n in nodes}
-    assert ids == {"FSP_TrainConcept", "FSP_SaveAdapter", "FSP_ApplyAdapter", "FSP_LoadDemoModel"}
+    assert ids == {"FSP_TrainConcept", "FSP_TrainTextualInversion", "FSP_TrainCatVersion", "FSP_SaveAdapter",
+                   "FSP_ApplyAdapter", "FSP_SaveEmbedding", "FSP_SaveCatVersion", "FSP_LoadCatVersion",
+                   "FSP_LoadDemoModel", "FSP_LoadDemoConcept", "FSP_LoadImageFolder"}
     for n in nodes:
         s = n.define_schema()
         assert s.category.startswith("fewshot/")
@@ -250,30 +244,33 @@ def test_apply_refuses_an_adapter_of_the_other_family(tiny_objects, tiny_sdxl_ob
         assert_clean(m, c)
 
 
-def test_cancel_mid_training_leaves_no_patch_and_resumes(tiny_objects, loras_dir):
-    import comfy.model_management
-    import comfy.utils
+def test_cancel_mid_training_leaves_no_patch_and_resumes(tiny_objects, loras_dir, monkeypatch):
+    import comfy.model_management as mm
 
     m, c, _ = tiny_objects
     before = denoise(m)
-    calls = []
+    import comfy.utils
 
-    def hook(value, total, preview, node_id=None):
-        calls.append(value)
-        if value >= 2:
-            raise comfy.model_management.InterruptProcessingException()
+    real_update, steps_seen = comfy.utils.ProgressBar.update_absolute, []
 
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train(tiny_objects, steps=6, text=True, checkpoint_name="cancelled")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    assert calls and max(calls) == 2
+    def press_cancel_at_step_2(self, value, total=None, preview=None):  # what the Cancel button does: set the flag
+        steps_seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+        return real_update(self, value, total, preview)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", press_cancel_at_step_2)
+    with pytest.raises(mm.InterruptProcessingException):
+        train(tiny_objects, steps=6, text=True, checkpoint_name="cancelled")
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", real_update)
+    assert steps_seen == [1, 2]  # progress every step; the node stops at the step Cancel was pressed
     assert_clean(m, c)
     assert torch.equal(denoise(m), before)
     ckpt = loras_dir.parent / "output" / "fewshot_checkpoints" / "cancelled.safetensors"
     assert ckpt.is_file()  # the last good step is kept
+    from safetensors import safe_open
+    with safe_open(str(ckpt), "pt") as f:
+        assert f.metadata()["step"] == "2"
     # resuming finishes the run, and ends where an uninterrupted run ends
     resumed = train(tiny_objects, steps=6, text=True, checkpoint_name="cancelled", resume=True)[2]
     fresh = train(tiny_objects, steps=6, text=True)[2]

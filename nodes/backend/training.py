@@ -1,0 +1,123 @@
+"""What every trainer node shares: list inputs, the training run on clones (progress every step, which is also
+ComfyUI's Cancel check), checkpoints in the output folder, and a preview sample."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ...kernels.core.errors import TrainingDiverged
+from ...kernels.engine.config import TrainConfig
+from ...kernels.engine.data import TrainData
+from ...kernels.engine.loop import Trainer, TrainResult
+from ...kernels.engine.method import Artifact, Method
+from ...kernels.formats.safetensors_io import safe_join
+from .session import TrainingSession
+
+CHECKPOINT_DIR = "fewshot_checkpoints"
+
+
+def first(v, default=None):
+    """Inputs arrive as lists (trainer nodes read whole lists, so images of different sizes can come in)."""
+    if isinstance(v, list):
+        return v[0] if v else default
+    return default if v is None else v
+
+
+def checkpoint_path(name: str) -> str:
+    folder = os.path.join(folder_paths.get_output_directory(), CHECKPOINT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    return str(safe_join(folder, f"{name}.safetensors"))
+
+
+def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainConfig, *,
+                 checkpoint: str | None = None, resume: bool = False) -> tuple[TrainResult, dict[str, Artifact], str]:
+    """Train ``method`` on clones of MODEL/CLIP; returns (result, exported files, model family). The caller's
+    objects are never changed; the method is detached however the run ends."""
+    pbar = comfy.utils.ProgressBar(cfg.steps)
+
+    def on_step(step, total, loss):
+        pbar.update_absolute(step, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()  # ComfyUI's Cancel
+
+    with torch.inference_mode(False):
+        with TrainingSession(model, clip, vae, method.changes_text) as session, \
+                Trainer(session.denoiser, session.text_encoder, method, data, cfg,
+                        device=session.denoiser.device) as trainer:
+            try:
+                result = trainer.train(on_step=on_step, checkpoint_path=checkpoint, resume=resume)
+            except TrainingDiverged as e:
+                raise ValueError(str(e)) from None
+            artifacts = trainer.export(trainer="comfyui", final_loss=f"{result.losses[-1]:.6f}")
+            return result, artifacts, session.denoiser.family
+
+
+def sample_preview(model, vae, positive, negative, seed: int, steps: int, size: int, cfg: float = 5.0) -> torch.Tensor:
+    """One image from conditioning (euler, normal schedule) as an IMAGE [1,H,W,3]."""
+    ds = vae.spacial_compression_encode()
+    latent = torch.zeros(1, vae.latent_channels, size // ds, size // ds)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                  denoise=1.0, disable_pbar=True, seed=seed)
+    return vae.decode(samples)
+
+
+def preview_or_blank(make: Callable[[], torch.Tensor], steps: int) -> torch.Tensor:
+    return make() if steps else torch.zeros(1, 64, 64, 3)
+
+
+def encode_text(clip, tokens) -> list:
+    """ComfyUI CONDITIONING of already tokenized text."""
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def summary(result: TrainResult, what: str) -> str:
+    return f"trained {result.steps} steps in {result.seconds:.1f} s, {what}, final loss {result.final_loss()}"
+
+
+def model_inputs() -> list:
+    return [io.Model.Input("model", tooltip="The base model to personalise (e.g. from Load Checkpoint). It is not changed."),
+            io.Clip.Input("clip", tooltip="The text encoder of the same checkpoint."),
+            io.Vae.Input("vae", tooltip="The VAE of the same checkpoint (encodes the training images)."),
+            io.Image.Input("images", tooltip="3-10 photos of the concept (e.g. from Load training images). Several "
+                                             "batches of different sizes may be connected; each image is resized "
+                                             "(shorter side) and centre-cropped.")]
+
+
+def run_inputs(steps: int, lr: float) -> list:
+    return [io.Int.Input("steps", default=steps, min=1, max=100000, tooltip="Optimizer steps."),
+            io.Float.Input("learning_rate", default=lr, min=1e-7, max=1.0, step=1e-5, tooltip="AdamW learning rate."),
+            io.Int.Input("resolution", default=512, min=8, max=4096, step=8,
+                         tooltip="Training resolution in pixels (multiple of 8); the model's native size is best."),
+            io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Instance images per step."),
+            io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                         tooltip="Seed of all training randomness.")]
+
+
+def optional_inputs() -> list:
+    return [io.Mask.Input("mask", optional=True,
+                          tooltip="Optional loss mask (1 = subject): one for all images or one per image. A mask of "
+                                  "another size than its image is resized to it."),
+            io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
+                         tooltip="Sampling steps of the preview image (0 = no preview).")]
+
+
+def report_outputs(preview_tooltip: str) -> list:
+    return [io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            io.Image.Output(display_name="preview", tooltip=preview_tooltip)]
+
+
+def instance_pixels(images, mask, resolution: int, notes: list[str]):
+    """(pixels [N,3,R,R], masks [N,1,R,R] or None) of the node's IMAGE / MASK list inputs."""
+    from .images import images_to_training, masks_to_training
+
+    pixels = images_to_training(images, resolution, notes)
+    masks = masks_to_training(mask, images, resolution, notes) if mask and any(m is not None for m in mask) else None
+    return pixels, masks
