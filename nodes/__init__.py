@@ -12,12 +12,13 @@ from .save_embedding import SaveEmbedding
 from .train import TrainConcept
 from .train_catversion import TrainCatVersion
 from .train_embedding import TrainTextualInversion
+from .train_pivotal import TrainPivotal
 from .training_images import LoadDemoConcept, LoadImageFolder
 
 register_folder()  # models/catversion
 
 NODES: list[type[io.ComfyNode]] = [
-    TrainConcept, TrainTextualInversion, TrainCatVersion,  # fewshot/train
+    TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal,  # fewshot/train
     SaveAdapter, ApplyAdapter, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
     LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
 ]

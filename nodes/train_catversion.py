@@ -13,6 +13,7 @@ from ..kernels.engine.captions import TEMPLATE_SETS
 from ..kernels.engine.config import TrainConfig
 from ..kernels.engine.data import TrainData
 from ..kernels.methods import CatVersion, CatVersionSettings
+from ..kernels.methods.catversion import parse_layer_spec
 from .backend.catversion import apply_catversion
 from .backend.images import loss_curve_image
 from .backend.training import (encode_text, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
@@ -22,17 +23,6 @@ from .train_embedding import CUSTOM, training_prompts
 log = logging.getLogger(__name__)
 
 CatVersionSocket = io.Custom("FSP_CATVERSION")
-
-
-def parse_layers(text: str) -> tuple[int, ...] | None:
-    """``""`` → None (the default: the last 3 layers that feed the conditioning); ``"9,10,11"`` / ``"-3,-2,-1"``."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise UserInputError(f"layers {text!r}: give CLIP layer numbers like 9,10,11 or -3,-2,-1") from None
 
 
 class TrainCatVersion(io.ComfyNode):
@@ -54,8 +44,9 @@ class TrainCatVersion(io.ComfyNode):
                 io.Combo.Input("templates", options=[*TEMPLATE_SETS, CUSTOM], default="object",
                                tooltip="Training captions with {} = the class word, or the custom prompt below."),
                 io.String.Input("layers", default="",
-                                tooltip="CLIP layers that get K/V tokens, e.g. '9,10,11' or '-3,-2,-1'; empty = the "
-                                        "last 3 layers whose output the model reads (the paper's default)."),
+                                tooltip="CLIP layers that get K/V tokens, e.g. '9,10,11' or '-3,-2,-1', or per encoder "
+                                        "'clip_l:9,10,11;clip_g:-4,-3,-2'; empty = the last 3 layers whose output "
+                                        "the model reads (the paper's default)."),
                 io.Int.Input("tokens", default=1, min=1, max=16, tooltip="Learned K/V tokens per layer (paper: 1)."),
                 *run_inputs(400, 1e-2),
                 io.String.Input("prompt", default="a photo of a {}", optional=True,
@@ -80,7 +71,7 @@ class TrainCatVersion(io.ComfyNode):
         word, resolution, preview_steps = first(class_word).strip(), first(resolution), first(preview_steps, 20)
         if not word:
             raise UserInputError("the class word is empty (e.g. 'toy')")
-        method = CatVersion(CatVersionSettings(layers=parse_layers(first(layers)), num_tokens=first(tokens)))
+        method = CatVersion(CatVersionSettings(layers=parse_layer_spec(first(layers)), num_tokens=first(tokens)))
         cfg = TrainConfig(instance_prompts=training_prompts(first(templates), first(prompt, ""), word),
                           steps=first(steps), lr=first(learning_rate), resolution=resolution,
                           batch_size=first(batch_size), seed=first(seed))

@@ -220,3 +220,17 @@ def test_a_failure_after_attaching_detaches_the_method(tiny_sd):
     with pytest.raises(KeyboardInterrupt):
         Trainer(denoiser, DiffusersTextEncoder(pipe), method, _data(), TrainConfig("a sks toy", steps=1, resolution=32))
     assert _same_state(before, _state(pipe)) and not method.roots
+
+
+def test_catversion_layers_per_encoder_on_sdxl(tiny_sdxl):
+    from fewshot_personalize.kernels.methods.catversion import parse_layer_spec
+
+    assert parse_layer_spec("clip_l:1;clip_g:-2") == {"clip_l": (1,), "clip_g": (-2,)}
+    assert parse_layer_spec(" 9, 10 ") == (9, 10) and parse_layer_spec("") is None
+    pipe = load_pipeline(tiny_sdxl)
+    method = CatVersion(CatVersionSettings(layers=parse_layer_spec("clip_l:1;clip_g:-2")))
+    trainer, _ = _train(pipe, method, "a photo of a toy", steps=1)
+    trainer.close()
+    assert {enc: sorted(layers) for enc, layers in method.tensors().items()} == {"clip_l": [1], "clip_g": [0]}
+    with pytest.raises(UserInputError, match="encoder clip_h, which this model does not have"):
+        _train(pipe, CatVersion(CatVersionSettings(layers={"clip_h": (1,)})), "a toy", steps=1)

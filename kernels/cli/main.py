@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-word", default="toy",
                    help="the word the concept starts from: the token's initial embedding; catversion's class word")
     t.add_argument("--num-vectors", type=int, default=1, help="vectors per placeholder token (textual inversion)")
-    t.add_argument("--catversion-layers", help="CLIP layers for K/V tokens, e.g. 9,10,11 or -3,-2,-1 "
-                                               "(default: the last 3 that feed the conditioning)")
+    t.add_argument("--catversion-layers", help="CLIP layers for K/V tokens, e.g. 9,10,11 or -3,-2,-1, or per encoder "
+                                               "clip_l:9,10,11;clip_g:-4,-3,-2 (default: the last 3 that feed the "
+                                               "conditioning)")
     t.add_argument("--catversion-tokens", type=int, default=1, help="learned K/V tokens per layer (default 1)")
     t.add_argument("--class-prompt", help='class prompt for prior preservation, e.g. "a toy"')
     t.add_argument("--class-images", help="folder of class images (also the cache when --num-class-images is given)")

@@ -11,6 +11,7 @@ from ..engine.captions import captions
 from ..engine.config import TrainConfig
 from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings,
                        PivotalTuning, TextualInversion, TextualInversionSettings)
+from ..methods.catversion import parse_layer_spec
 from .common import base_name, resolve_base
 
 #: learning rate when --lr is not given: LoRA as diffusers' DreamBooth-LoRA recipes; TI as A1111/kohya practice;
@@ -31,13 +32,7 @@ def build_method(a):
     if a.method == TextualInversion.name:
         return TextualInversion(ti())
     if a.method == CatVersion.name:
-        layers = None
-        if a.catversion_layers:
-            try:
-                layers = tuple(int(x) for x in a.catversion_layers.split(",") if x.strip())
-            except ValueError:
-                raise UserInputError(f"--catversion-layers {a.catversion_layers!r}: give layer numbers like 9,10,11") from None
-        return CatVersion(CatVersionSettings(layers=layers, num_tokens=a.catversion_tokens))
+        return CatVersion(CatVersionSettings(layers=parse_layer_spec(a.catversion_layers), num_tokens=a.catversion_tokens))
     return PivotalTuning(PivotalSettings(lora=lora(), embedding=ti(a.embedding_lr or DEFAULT_EMBEDDING_LR)))
 
 

@@ -30,7 +30,8 @@ def add_commands(sub) -> None:
     b = sub.add_parser("bench", help="quality benchmark: methods × concepts × held-out prompts × seeds")
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--concepts", default="all")
-    b.add_argument("--rows", help="comma-separated row names to run; the other rows are kept from the record in --out")
+    b.add_argument("--rows", help="row names separated by ';' to run (names contain commas); the other rows are kept "
+                                  "from the record in --out")
     b.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "tests" / "benchmarks"),
                    help="folder for quality.md, quality.json and quality.png")
 
@@ -143,7 +144,7 @@ def cmd_evaluate(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    rows = [r.strip() for r in a.rows.split(",")] if a.rows else None
+    rows = [r.strip() for r in a.rows.split(";") if r.strip()] if a.rows else None
     try:
         run_bench(Path(a.out), seeds=a.seeds, concepts=None if a.concepts == "all" else a.concepts.split(","), rows=rows)
     except ValueError as e:

@@ -24,14 +24,24 @@ from ..formats.catversion_file import catversion_metadata, catversion_tensors
 PAPER_LAYER_COUNT = 3
 
 
+Layers = tuple[int, ...] | dict[str, tuple[int, ...]] | None
+
+
 @dataclass
 class CatVersionSettings:
-    layers: tuple[int, ...] | None = None  # None: the last 3 layers that feed the conditioning, per encoder
+    """``layers``: None (the last 3 layers that feed the conditioning, per encoder), indices for every encoder, or
+    {encoder name: indices} (an encoder left out gets the default)."""
+
+    layers: Layers = None
     num_tokens: int = 1
     lr: float | None = None
 
     def __post_init__(self):
-        if self.layers is not None:
+        if isinstance(self.layers, dict):
+            self.layers = {k: tuple(int(i) for i in v) for k, v in self.layers.items()}
+            if not all(self.layers.values()):
+                raise UserInputError("CatVersion layers: an encoder was given no layers")
+        elif self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
             if not self.layers:
                 raise UserInputError("--catversion-layers is empty")
@@ -44,8 +54,26 @@ def default_layers(enc: EncoderInfo) -> tuple[int, ...]:
     return tuple(range(max(0, enc.used_layers - PAPER_LAYER_COUNT), enc.used_layers))
 
 
-def resolve_layers(enc: EncoderInfo, layers: tuple[int, ...] | None) -> tuple[int, ...]:
+def parse_layer_spec(text: str) -> Layers:
+    """``""`` → None; ``"9,10,11"`` or ``"-3,-2,-1"`` → every encoder; ``"clip_l:9,10,11;clip_g:28,29,30"`` → per
+    encoder (SDXL)."""
+    text = (text or "").replace(" ", "")
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            return {name: tuple(int(x) for x in idx.split(",") if x)
+                    for name, idx in (part.split(":", 1) for part in text.split(";") if part)}
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise UserInputError(f"CatVersion layers {text!r}: give layer numbers like 9,10,11 or -3,-2,-1, or per "
+                             "encoder clip_l:9,10,11;clip_g:-3,-2,-1") from None
+
+
+def resolve_layers(enc: EncoderInfo, layers: Layers) -> tuple[int, ...]:
     """Layer indices for one encoder; negative indices count from the end; refuses indices beyond the model."""
+    if isinstance(layers, dict):
+        layers = layers.get(enc.name)
     if layers is None:
         return default_layers(enc)
     out = []
@@ -73,6 +101,12 @@ class CatVersion(Method):
         return True
 
     def preflight(self, denoiser, text_encoder) -> None:
+        if isinstance(self.settings.layers, dict):
+            names = {e.name for e in text_encoder.encoders}
+            unknown = sorted(set(self.settings.layers) - names)
+            if unknown:
+                raise UserInputError(f"CatVersion layers name encoder {unknown[0]}, which this model does not have "
+                                     f"(it has {', '.join(sorted(names))})")
         for enc in text_encoder.encoders:
             resolve_layers(enc, self.settings.layers)
 

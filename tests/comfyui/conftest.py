@@ -97,3 +97,20 @@ def family_case(request):
     suffix = "" if request.param == "sd1" else "_sdxl"
     return (request.param, request.getfixturevalue(f"tiny{suffix}_folder"),
             request.getfixturevalue(f"tiny{suffix}_objects"))
+
+
+@pytest.fixture
+def loras_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    d = tmp_path / "loras"
+    d.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(d)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop("loras", None)
+    out = tmp_path / "output"
+    out.mkdir()
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    yield d
+    folder_paths.set_output_directory(old)
+    folder_paths.filename_list_cache.pop("loras", None)

@@ -16,23 +16,6 @@ STEPS = 4
 RES = 32
 
 
-@pytest.fixture
-def loras_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    d = tmp_path / "loras"
-    d.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(d)], {".safetensors"}))
-    folder_paths.filename_list_cache.pop("loras", None)
-    out = tmp_path / "output"
-    out.mkdir()
-    old = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(out))
-    yield d
-    folder_paths.set_output_directory(old)
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def images(n=3, h=RES, w=RES, seed=0):
     return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
@@ -94,7 +77,7 @@ def test_entrypoint_lists_nodes():
 
     nodes = asyncio.run(asyncio.run(comfy_entrypoint()).get_node_list())
     ids = {n.define_schema().node_id for n in nodes}
-    assert ids == {"FSP_TrainConcept", "FSP_TrainTextualInversion", "FSP_TrainCatVersion", "FSP_SaveAdapter",
+    assert ids == {"FSP_TrainConcept", "FSP_TrainTextualInversion", "FSP_TrainCatVersion", "FSP_TrainPivotal", "FSP_SaveAdapter",
                    "FSP_ApplyAdapter", "FSP_SaveEmbedding", "FSP_SaveCatVersion", "FSP_LoadCatVersion",
                    "FSP_LoadDemoModel", "FSP_LoadDemoConcept", "FSP_LoadImageFolder"}
     for n in nodes:
@@ -127,6 +110,9 @@ def test_train_node_outputs_and_leaves_caller_clean(family_case, loras_dir):
     assert not torch.allclose(denoise(out_m), before)
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and preview.shape == (1, RES, RES, 3)
     assert adapter.metadata["fsp.steps"] == str(STEPS) and adapter.family == family
+    # the same metadata writer as the command line: method name and booleans spelled one way
+    assert adapter.metadata["fsp.method"] == "dreambooth-lora" and adapter.metadata["fsp.train_text_encoder"] == "true"
+    assert adapter.metadata["fsp.trainer"] == "comfyui"
     assert not torch.allclose(encode(out_c), before_text)
     assert all(torch.isfinite(w.up).all() and torch.isfinite(w.down).all() for w in adapter.weights.values())
 

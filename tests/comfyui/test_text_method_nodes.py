@@ -197,3 +197,33 @@ def test_training_image_loaders(tmp_path, monkeypatch):
         LoadImageFolder.execute("../elsewhere", 32)
     with pytest.raises(ValueError, match="does not exist"):
         LoadImageFolder.execute("nope", 32)
+
+
+def test_pivotal_node_then_stock_loraloader_and_embedding_syntax(family_case, loras_dir, model_dirs, monkeypatch,
+                                                                 comfy_nodes):
+    from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
+    from fewshot_personalize.nodes.save_adapter import SaveAdapter
+    from fewshot_personalize.nodes.save_embedding import SaveEmbedding
+    from fewshot_personalize.nodes.train_pivotal import TrainPivotal
+
+    family, _, objs = family_case
+    m, c, v = objs
+    before, before_text = denoise(m), encode(c)
+    with torch.inference_mode():
+        out_m, out_c, adapter, embedding, _, _ = TrainPivotal.execute(
+            [m], [c], [v], [images()], ["<sks>"], ["toy"], [1], ["custom prompt"], [2], [True], [5e-2], [STEPS],
+            [1e-3], [RES], [1], [0], prompt=["a photo of {} toy"], preview_steps=[2]).args
+    assert_clean(m, c)
+    assert torch.equal(denoise(m), before) and torch.equal(encode(c), before_text)
+    assert adapter.metadata["fsp.trained_with"] == "pivotal" and embedding.metadata["fsp.token"] == "<sks>"
+    lora_name = SaveAdapter.execute(adapter, "pivotal", False).args[0]
+    prompt = SaveEmbedding.execute(embedding, "pivotal", False, "a photo of {} toy").args[0]
+    stock_m, stock_c = comfy_nodes.LoraLoader().load_lora(m, c, lora_name, 1.0, 1.0)
+    _point_tokenizers(stock_c, model_dirs["embeddings"], monkeypatch)
+    torch.testing.assert_close(denoise(stock_m), denoise(out_m), atol=1e-5, rtol=1e-5)
+    engine = ComfyTextEncoder(out_c, family)
+    engine.install_placeholders({"<sks>": [embedding.tensors[k] for k in sorted(embedding.tensors,
+                                                                                   key=["emb_params", "clip_l", "clip_g"].index)]})
+    with torch.inference_mode():
+        cond, pooled = out_c.encode_from_tokens(engine.tokenize("a photo of <sks> toy"), return_pooled=True)
+    torch.testing.assert_close(encode(stock_c, prompt), torch.cat([cond.flatten(), pooled.flatten()]), atol=1e-5, rtol=1e-5)
