@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from fewshot_personalize.kernels.backends.diffusers.generate import apply_lora_file
+from fewshot_personalize.kernels.backends.diffusers.adapters import apply_lora_file
 from fewshot_personalize.kernels.adapters.lora import LoraWeights, read_lora, write_lora
 from fewshot_personalize.kernels.formats.lora_file import load_lora_file, lora_metadata, save_lora_file
 from fewshot_personalize.kernels.engine.seams import Conditioning

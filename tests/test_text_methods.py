@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from fewshot_personalize.kernels.backends.diffusers.generate import PipelineAdapters
+from fewshot_personalize.kernels.backends.diffusers.adapters import PipelineAdapters
 from fewshot_personalize.kernels.core.errors import UserInputError
 from fewshot_personalize.kernels.engine.captions import captions
 from fewshot_personalize.kernels.engine.config import TrainConfig

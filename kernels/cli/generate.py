@@ -13,7 +13,8 @@ def cmd_generate(a) -> int:
     from tqdm import tqdm
 
     from ..backends.diffusers import load_pipeline
-    from ..backends.diffusers.generate import PipelineAdapters, generate_images, save_images, use_sampler
+    from ..backends.diffusers.adapters import PipelineAdapters
+    from ..backends.diffusers.generate import generate_images, save_images, use_sampler
     from ..core.devices import default_device
 
     if not a.prompt.strip():

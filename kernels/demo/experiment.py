@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from ..backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
-from ..backends.diffusers.generate import PipelineAdapters, generate_images, use_sampler
+from ..backends.diffusers.adapters import PipelineAdapters
+from ..backends.diffusers.generate import generate_images, use_sampler
 from ..core.images import pil_to_tensor, tensor_to_pil
 from ..engine.config import TrainConfig
 from ..engine.data import TrainData

@@ -31,19 +31,12 @@ class ParamGroup:
 
 @dataclass
 class Artifact:
-    """One file a method writes: tensors and string metadata, plus where ComfyUI keeps files of its kind."""
+    """One file a method writes: its kind (``lora``, ``embedding``, ``catversion``, ``pivotal``), tensors and string
+    metadata."""
 
-    kind: str  # "lora", "embedding", "catversion", "pivotal"
+    kind: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
-
-    #: the ComfyUI model folder files of each kind belong in
-    FOLDERS: ClassVar[dict[str, str]] = {"lora": "loras", "pivotal": "loras", "embedding": "embeddings",
-                                         "catversion": "catversion"}
-
-    @property
-    def folder(self) -> str:
-        return self.FOLDERS[self.kind]
 
 
 class Method(abc.ABC):

@@ -97,7 +97,7 @@ def test_textual_inversion_node_and_stock_embedding_syntax(family_case, model_di
 
 def test_catversion_node_loader_and_diffusers_agree(family_case, model_dirs):
     from fewshot_personalize.kernels.backends.diffusers import load_pipeline
-    from fewshot_personalize.kernels.backends.diffusers.generate import PipelineAdapters
+    from fewshot_personalize.kernels.backends.diffusers.adapters import PipelineAdapters
     from fewshot_personalize.nodes.catversion import LoadCatVersion, SaveCatVersion
 
     family, folder, objs = family_case
