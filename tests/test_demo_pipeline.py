@@ -56,6 +56,21 @@ def test_demo_command_ci_sized(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--steps", "3"]) == 2  # refuses to overwrite without --overwrite
 
 
+@needs_demo
+@pytest.mark.parametrize("method", ["textual-inversion", "catversion"])
+def test_demo_command_other_methods_ci_sized(method, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / method
+    assert main(["demo", "--method", method, "--out", str(out), "--steps", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["method"] in ("Textual Inversion", "CatVersion")
+    with safe_open(str(out / "checker_toy.safetensors"), "pt") as f:
+        assert f.metadata()["fsp.method"] == method
+    expected = "a <sks> toy on the beach" if method == "textual-inversion" else "a toy on the beach"
+    assert expected in m["prompts"]
+
+
 def test_pretraining_smoke(tmp_path):
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 

@@ -176,7 +176,8 @@ def chart(summary: dict):
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     font = _font(11)
-    colours = [(120, 120, 120), (230, 140, 60), (60, 140, 220), (200, 90, 160), (40, 160, 90), (20, 20, 20), (150, 150, 40)]
+    colours = [(120, 120, 120), (230, 140, 60), (60, 140, 220), (200, 90, 160), (40, 160, 90), (150, 60, 200),
+               (200, 180, 30), (210, 50, 50), (20, 20, 20), (90, 190, 200), (150, 110, 70), (100, 100, 220)]
     group = (w - left - 20) / len(metrics)
     bar = group / (len(names) + 1)
     d.line([(left, h - bottom), (w - 10, h - bottom)], fill="black")

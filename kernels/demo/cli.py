@@ -15,9 +15,13 @@ DEMO_PROMPTS = ("a {}", "a {} on the beach", "a {} in the snow", "a {} at night"
 
 def add_commands(sub) -> None:
     d = sub.add_parser("demo", help="the whole job on the shipped demo model, on a CPU, in a few minutes")
-    d.add_argument("--out", default="demo_out", help="folder for the grid, loss curve, metrics and LoRA (default demo_out)")
+    d.add_argument("--out", default="demo_out", help="folder for the grid, loss curve, metrics and the adapter file "
+                                                     "(default demo_out)")
     d.add_argument("--concept", default="checker_toy", help="bundled concept: checker_toy, twotone_ball, marked_box, creature_toy")
-    d.add_argument("--steps", type=int, help="training steps (default: the benchmark's default method)")
+    d.add_argument("--method", default="dreambooth-lora",
+                   choices=["dreambooth-lora", "textual-inversion", "catversion", "pivotal"],
+                   help="what to train, with the benchmark's recipe for it (default dreambooth-lora: prior + UNet + text)")
+    d.add_argument("--steps", type=int, help="training steps (default: the benchmark's recipe)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
 
@@ -54,7 +58,7 @@ def cmd_demo(a) -> int:
     from ..formats.safetensors_io import atomic_save
     from ..core.plots import image_grid, loss_curve
     from .concepts import CONCEPTS, get_concept, reference_images
-    from .experiment import DEFAULT_METHOD, demo_pipeline, personalize, reference_score, sample
+    from .experiment import demo_pipeline, personalize, recipe_for, reference_score, sample
 
     if a.concept not in CONCEPTS:
         raise UserInputError(f"unknown concept {a.concept!r}; choose one of {', '.join(CONCEPTS)}")
@@ -65,14 +69,15 @@ def cmd_demo(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     c = get_concept(a.concept)
-    method = DEFAULT_METHOD if a.steps is None else dataclasses.replace(DEFAULT_METHOD, steps=a.steps)
+    method = recipe_for(a.method)
+    method = method if a.steps is None else dataclasses.replace(method, steps=a.steps)
     if method.steps < 1:
         raise UserInputError(f"--steps must be at least 1, got {method.steps}")
     pipe = demo_pipeline()
     ev = load_evaluator()
     refs = reference_images(c, seed=a.seed)
     ref_imgs = [im for im, _ in refs]
-    prompts = [p.format(c.phrase()) for p in DEMO_PROMPTS]
+    prompts = [p.format(method.phrase(c)) for p in DEMO_PROMPTS]
 
     def sample_all(tag):
         return [sample(pipe, p, 1, a.seed + k, adapters)[0]
@@ -109,12 +114,12 @@ def cmd_demo(a) -> int:
     header = image_grid([[im for im in after]], col_labels=prompts, cell=96)
     grid.save(out / "grid.png")
     header.save(out / "prompts.png")
-    loss_curve(result.losses, title=f"{a.concept}: DreamBooth-LoRA loss (prior preservation)").save(out / "loss.png")
+    loss_curve(result.losses, title=f"{a.concept}: {method.name} loss").save(out / "loss.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    lora = done.artifacts["lora"]
-    atomic_save(lora.tensors, out / f"{a.concept}.safetensors", lora.metadata, overwrite=a.overwrite)
+    main = done.artifacts.get("pivotal") or next(iter(done.artifacts.values()))
+    atomic_save(main.tensors, out / f"{a.concept}.safetensors", main.metadata, overwrite=a.overwrite)
     b, f = metrics["before"], metrics["after"]
-    print(f"{a.concept} ('{c.phrase()}'): subject fidelity {b['subject_fidelity']:.3f} → {f['subject_fidelity']:.3f} "
+    print(f"{a.concept} ('{method.phrase(c)}', {method.name}): subject fidelity {b['subject_fidelity']:.3f} → {f['subject_fidelity']:.3f} "
           f"(references {metrics['references_ceiling']['subject_fidelity']:.3f}), prompt fidelity "
           f"{b['prompt_fidelity']:.2f} → {f['prompt_fidelity']:.2f}; {time.perf_counter() - start:.0f} s in all")
     print(f"wrote {out / 'grid.png'}, {out / 'prompts.png'}, {out / 'loss.png'}, {out / 'metrics.json'}, "

@@ -85,6 +85,16 @@ METHODS = (
 )
 DEFAULT_METHOD = METHODS[4]
 
+
+def recipe_for(method: str) -> Recipe:
+    """The benchmark's recipe of a method kind (DreamBooth-LoRA: the default row, prior + UNet + text)."""
+    if method == DEFAULT_METHOD.method:
+        return DEFAULT_METHOD
+    for r in METHODS:
+        if r.method == method:
+            return r
+    raise ValueError(f"no demo recipe for method {method!r}")
+
 SAMPLE_STEPS = 20
 GUIDANCE = 4.0
 
