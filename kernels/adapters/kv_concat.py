@@ -14,6 +14,8 @@ the residual: s·Attn(q,[k_c;K],[v_c;V]) + (1 − s)·Attn(q, K, V), so 0 is the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,9 +67,12 @@ def kv_concat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_tok
     return out.transpose(1, 2).reshape(b, n_q, d)
 
 
+@functools.lru_cache(maxsize=16)
 def causal_mask(length: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """CLIP's additive causal mask [L, L]: position i sees positions ≤ i."""
-    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
+    """CLIP's additive causal mask [L, L]: position i sees positions ≤ i (cached: built once per shape, outside
+    inference mode so training may use it too; never modify the returned tensor)."""
+    with torch.inference_mode(False):
+        return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)
 
 
 def init_kv_tokens(n: int, width: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
