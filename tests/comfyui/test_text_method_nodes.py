@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from .test_nodes import RES, assert_clean, denoise, encode, images
-
 pytestmark = pytest.mark.comfyui
 if not os.environ.get("COMFYUI_PATH"):
-    pytest.skip("COMFYUI_PATH is not set", allow_module_level=True)
+    pytest.skip("COMFYUI_PATH is not set: the ComfyUI suite needs a ComfyUI source checkout (v0.3.64 or newer)",
+                allow_module_level=True)
+
+from .test_nodes import RES, assert_clean, denoise, encode, images  # noqa: E402
 
 STEPS = 3
 
