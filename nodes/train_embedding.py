@@ -25,6 +25,15 @@ EmbeddingSocket = io.Custom("FSP_EMBEDDING")
 CUSTOM = "custom prompt"
 
 
+def token_inputs() -> list:
+    """The placeholder token's inputs (Textual Inversion and pivotal tuning)."""
+    return [io.String.Input("token", default="<sks>",
+                            tooltip="Placeholder in the training prompts; must not be a word the tokenizer knows."),
+            io.String.Input("init_word", default="toy",
+                            tooltip="Word whose embedding the vectors start from (the class, e.g. 'toy', 'dog')."),
+            io.Int.Input("num_vectors", default=1, min=1, max=75, tooltip="Vectors per token (more = more capacity).")]
+
+
 def training_prompts(templates: str, prompt: str, subject: str) -> tuple[str, ...]:
     """The node's caption choice: a template set with {} = subject, or the user's prompt (with {} or the subject)."""
     if templates != CUSTOM:
@@ -48,11 +57,7 @@ class TrainTextualInversion(io.ComfyNode):
             is_input_list=True,
             inputs=[
                 *model_inputs(),
-                io.String.Input("token", default="<sks>",
-                                tooltip="Placeholder in the training prompts; must not be a word the tokenizer knows."),
-                io.String.Input("init_word", default="toy",
-                                tooltip="Word whose embedding the vectors start from (the class, e.g. 'toy', 'dog')."),
-                io.Int.Input("num_vectors", default=1, min=1, max=75, tooltip="Vectors per token (more = more capacity)."),
+                *token_inputs(),
                 io.Combo.Input("templates", options=[*TEMPLATE_SETS, CUSTOM], default="object",
                                tooltip="Training captions: Textual Inversion's object or style templates with {} = "
                                        "the token, or the custom prompt below."),

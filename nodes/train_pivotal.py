@@ -20,7 +20,7 @@ from .backend.images import images_to_training, loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
 from .backend.training import (encode_text, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
-from .train_embedding import CUSTOM, EmbeddingSocket, training_prompts
+from .train_embedding import CUSTOM, EmbeddingSocket, token_inputs, training_prompts
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ class TrainPivotal(io.ComfyNode):
             is_input_list=True,
             inputs=[
                 *model_inputs(),
-                io.String.Input("token", default="<sks>",
-                                tooltip="Placeholder in the training prompts; must not be a word the tokenizer knows."),
-                io.String.Input("init_word", default="toy", tooltip="Word whose embedding the token starts from."),
-                io.Int.Input("num_vectors", default=1, min=1, max=75, tooltip="Vectors per token."),
+                *token_inputs(),
                 io.Combo.Input("templates", options=[CUSTOM, *TEMPLATE_SETS], default=CUSTOM,
                                tooltip="Training captions: the custom prompt below, or Textual Inversion's templates."),
                 io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank."),
