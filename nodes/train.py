@@ -18,7 +18,7 @@ from ..kernels.formats.lora_file import parse_lora_tensors
 from ..kernels.methods import DreamBoothLora, LoraSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
 from .backend.images import images_to_training, loss_curve_image
-from .backend.training import (checkpoint_path, report_outputs, encode_text, first as _first, instance_pixels, preview_or_blank,
+from .backend.training import (checkpoint_path, report_outputs, first as _first, instance_pixels, preview_or_blank,
                                run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,8 @@ class TrainConcept(io.ComfyNode):
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained adapter"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)
         losses = loss_curve_image(result.losses, title=f"loss over {result.steps} steps ({result.seconds:.1f} s)")
-        preview = preview_or_blank(lambda: sample_preview(
-            out_model, vae, encode_text(out_clip, out_clip.tokenize(cfg.instance_prompt)),
-            encode_text(out_clip, out_clip.tokenize("")), cfg.seed, preview_steps, resolution), preview_steps)
+        preview = preview_or_blank(lambda: sample_preview(out_model, vae, out_clip, out_clip.tokenize(cfg.instance_prompt),
+                                                          out_clip, cfg.seed, preview_steps, resolution), preview_steps)
         text = summary(result, f"{len(adapter.weights)} adapted layers")
         log.info(text)
         return io.NodeOutput(out_model, out_clip, adapter, losses, preview, ui=ui.PreviewText("\n".join([text, *notes])))

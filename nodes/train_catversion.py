@@ -16,7 +16,7 @@ from ..kernels.methods import CatVersion, CatVersionSettings
 from ..kernels.methods.catversion import parse_layer_spec
 from .backend.catversion import apply_catversion
 from .backend.images import loss_curve_image
-from .backend.training import (encode_text, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, training_prompts
 
@@ -82,9 +82,8 @@ class TrainCatVersion(io.ComfyNode):
         out_clip = apply_catversion(clip, kv.tensors, kv.metadata, 1.0, "the trained CatVersion adapter")
 
         def preview():
-            pos = encode_text(out_clip, out_clip.tokenize((first(preview_prompt) or "a photo of a {}").replace("{}", word)))
-            return sample_preview(model, vae, pos, encode_text(clip, clip.tokenize("")), cfg.seed, preview_steps,
-                                  resolution)
+            tokens = out_clip.tokenize((first(preview_prompt) or "a photo of a {}").replace("{}", word))
+            return sample_preview(model, vae, out_clip, tokens, clip, cfg.seed, preview_steps, resolution)
 
         losses = loss_curve_image(result.losses, title=f"CatVersion loss over {result.steps} steps")
         layers_text = "; ".join(f"{enc} layers {kv.metadata[f'fsp.layers.{enc}']}" for enc in method.kv)

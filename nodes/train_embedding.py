@@ -16,7 +16,7 @@ from ..kernels.methods import TextualInversion, TextualInversionSettings
 from .backend.families import model_family
 from .backend.images import loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
-from .backend.training import (encode_text, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,8 @@ class TrainTextualInversion(io.ComfyNode):
         def preview():
             text = ComfyTextEncoder(clip, model_family(model))
             text.install_placeholders({token: list(method.tensors().values())})
-            pos = encode_text(clip, text.tokenize((first(preview_prompt) or "a photo of {}").replace("{}", token)))
-            return sample_preview(model, vae, pos, encode_text(clip, clip.tokenize("")), cfg.seed, preview_steps,
-                                  resolution)
+            tokens = text.tokenize((first(preview_prompt) or "a photo of {}").replace("{}", token))
+            return sample_preview(model, vae, clip, tokens, clip, cfg.seed, preview_steps, resolution)
 
         losses = loss_curve_image(result.losses, title=f"Textual Inversion loss over {result.steps} steps")
         text = summary(result, f"{method.settings.num_vectors} vector(s) per encoder for {token}")

@@ -18,7 +18,7 @@ from ..kernels.methods import LoraSettings, PivotalSettings, PivotalTuning, Text
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
 from .backend.images import images_to_training, loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
-from .backend.training import (encode_text, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, EmbeddingSocket, token_inputs, training_prompts
 
@@ -93,9 +93,8 @@ class TrainPivotal(io.ComfyNode):
         def preview():
             text = ComfyTextEncoder(out_clip, family)
             text.install_placeholders({token: list(method.ti.tensors().values())})
-            pos = encode_text(out_clip, text.tokenize((first(preview_prompt) or "a photo of {}").replace("{}", token)))
-            return sample_preview(out_model, vae, pos, encode_text(out_clip, out_clip.tokenize("")), cfg.seed,
-                                  preview_steps, resolution)
+            tokens = text.tokenize((first(preview_prompt) or "a photo of {}").replace("{}", token))
+            return sample_preview(out_model, vae, out_clip, tokens, out_clip, cfg.seed, preview_steps, resolution)
 
         losses = loss_curve_image(result.losses, title=f"pivotal tuning loss over {result.steps} steps")
         text = summary(result, f"{len(adapter.weights)} LoRA layers and {method.settings.embedding.num_vectors} "

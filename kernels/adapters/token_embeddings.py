@@ -64,6 +64,14 @@ def substitute(embeddings: torch.Tensor, slots: list[Slot], vectors: dict[str, t
     return embeddings.index_put((rows, pos), values)
 
 
+def add_placeholders(installed: dict[str, list], new: dict[str, list]) -> None:
+    """Add ``new`` placeholders to ``installed`` (placeholder → vectors per encoder); one can be installed once."""
+    clash = sorted(set(new) & set(installed))
+    if clash:
+        raise ValueError(f"placeholder {clash[0]!r} is already installed")
+    installed.update(new)
+
+
 def filler_id(bos: int, eos: int, pad: int) -> int:
     """An id for slot positions that no CLIP pooling rule can mistake for the end token."""
     return next(i for i in range(4) if i not in (bos, eos, pad))

@@ -79,10 +79,9 @@ def cmd_train(a) -> int:
     if (a.class_prompt or a.class_images or a.num_class_images) and not METHODS[a.method].uses_prior:
         raise UserInputError(f"{a.method} trains no denoiser weights, so prior preservation does not apply: "
                              "leave out --class-prompt / --class-images / --num-class-images")
-    out = check_output_path(a.out, overwrite=a.overwrite or a.resume)
-    paths = output_paths(out, a.method)
-    for p in paths.values():
-        check_output_path(p, overwrite=a.overwrite or a.resume)
+    paths = {part: check_output_path(p, overwrite=a.overwrite or a.resume)
+             for part, p in output_paths(Path(a.out), a.method).items()}
+    out = paths["main"]
     if a.num_class_images is not None and a.num_class_images < 1:
         raise UserInputError(f"--num-class-images must be at least 1, got {a.num_class_images}")
     if (a.class_images or a.num_class_images) and not a.class_prompt:

@@ -20,7 +20,7 @@ import torch
 
 from ...kernels.adapters.kv_concat import kv_concat_attention
 from ...kernels.adapters.lora import TEXT_TARGETS, linear_paths
-from ...kernels.adapters.token_embeddings import splice_placeholders
+from ...kernels.adapters.token_embeddings import add_placeholders, splice_placeholders
 from ...kernels.core.errors import UserInputError
 from ...kernels.engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
 from ...kernels.formats.lora_file import text_prefix
@@ -125,7 +125,7 @@ class ComfyTextEncoder:
         return Conditioning(torch.cat(ctx), pooled_t)
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
-        self._placeholders.update(vectors)
+        add_placeholders(self._placeholders, vectors)
         return Handle(lambda: [self._placeholders.pop(p, None) for p in vectors])
 
     def install_kv_tokens(self, tokens: KVTokens, strength: float = 1.0) -> Handle:

@@ -59,8 +59,12 @@ def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainCo
             return result, artifacts, session.denoiser.family
 
 
-def sample_preview(model, vae, positive, negative, seed: int, steps: int, size: int, cfg: float = 5.0) -> torch.Tensor:
-    """One image from conditioning (euler, normal schedule) as an IMAGE [1,H,W,3]."""
+def sample_preview(model, vae, clip, tokens, negative_clip, seed: int, steps: int, size: int,
+                   cfg: float = 5.0) -> torch.Tensor:
+    """One image (euler, normal schedule) as an IMAGE [1,H,W,3]: ``tokens`` encoded by ``clip`` for the positive
+    prompt, an empty prompt encoded by ``negative_clip`` for the negative one."""
+    positive = clip.encode_from_tokens_scheduled(tokens)
+    negative = negative_clip.encode_from_tokens_scheduled(negative_clip.tokenize(""))
     ds = vae.spacial_compression_encode()
     latent = torch.zeros(1, vae.latent_channels, size // ds, size // ds)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -71,11 +75,6 @@ def sample_preview(model, vae, positive, negative, seed: int, steps: int, size: 
 
 def preview_or_blank(make: Callable[[], torch.Tensor], steps: int) -> torch.Tensor:
     return make() if steps else torch.zeros(1, 64, 64, 3)
-
-
-def encode_text(clip, tokens) -> list:
-    """ComfyUI CONDITIONING of already tokenized text."""
-    return clip.encode_from_tokens_scheduled(tokens)
 
 
 def summary(result: TrainResult, what: str) -> str:

@@ -24,6 +24,7 @@ from ...formats.embedding_file import parse_embedding, split_bundled
 from ...formats.lora_file import from_kohya, parse_lora_tensors, text_prefix
 from ...formats.metadata import check_family
 from ...formats.safetensors_io import load_safetensors
+from ...methods.textual_inversion import check_placeholder
 from .pipeline import detect_family, text_transformer
 from .text_encoder import DiffusersTextEncoder
 
@@ -101,9 +102,10 @@ class PipelineAdapters:
         return {e.name: e.width for e in self.text.encoders}
 
     def add_embedding(self, token: str, vectors: dict[str, torch.Tensor], source: str) -> None:
-        for which, enc in enumerate(self.text.encoders):
-            if len(self.text.token_ids(token, which)) == 1:
-                raise UserInputError(f"{source}: its token {token!r} is already a word of the {enc.name} vocabulary")
+        try:
+            check_placeholder(self.text, token)
+        except UserInputError as e:
+            raise UserInputError(f"{source}: {e}") from None
         if token in self.tokens:
             raise UserInputError(f"{source}: token {token!r} is already in use by another embedding")
         self.handles.append(self.text.install_placeholders({token: [vectors[e.name] for e in self.text.encoders]}))

@@ -13,7 +13,7 @@ import torch
 
 from ...adapters.kv_concat import causal_mask, kv_concat_attention
 from ...adapters.lora import TEXT_TARGETS, linear_paths
-from ...adapters.token_embeddings import Slot, filler_id, splice_placeholders, substitute
+from ...adapters.token_embeddings import Slot, add_placeholders, filler_id, splice_placeholders, substitute
 from ...engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
 from ...formats.lora_file import text_prefix
 from .pipeline import detect_family, text_transformer
@@ -76,10 +76,7 @@ class DiffusersTextEncoder:
             self._pending = [[] for _ in self.models]
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
-        clash = set(vectors) & set(self._placeholders)
-        if clash:
-            raise ValueError(f"placeholder {sorted(clash)[0]!r} is already installed")
-        self._placeholders.update(vectors)
+        add_placeholders(self._placeholders, vectors)
         hooks = []
         for which, model in enumerate(self.models):
             def hook(module, inputs, output, which=which):
