@@ -121,6 +121,17 @@ def mask_for(image: Path) -> Path | None:
     return None
 
 
+def read_mask(path: Path, im: Image.Image) -> tuple[Image.Image | None, Path | None]:
+    """The mask of the opened photo ``im`` read from ``path``, at the size it is stored: (mask in mode "L", its
+    file) from a mask file (:func:`mask_for`, white = subject), else (its alpha channel, None), else (None, None)."""
+    m = mask_for(path)
+    if m is not None:
+        return open_image(m).convert("L"), m
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A"), None
+    return None, None
+
+
 def load_masked_folder(folder: str | os.PathLike, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """A folder of training photos with their masks where present: (pixels [N,3,R,R] in [-1,1], masks [N,1,R,R]
     in [0,1] or None when no photo has one, notes). A mask comes from a mask file (:func:`mask_for`, white =
@@ -130,16 +141,11 @@ def load_masked_folder(folder: str | os.PathLike, resolution: int) -> tuple[torc
     pixels, masks, notes, found = [], [], [], 0
     for f in files:
         im = open_image(f)
-        m = mask_for(f)
-        mask = None
-        if m is not None:
-            mask = open_image(m).convert("L")
-            if mask.size != im.size:
-                notes.append(f"mask {m.name} is {mask.size[0]}x{mask.size[1]} but {f.name} is {im.size[0]}x{im.size[1]}: "
-                             "resized to the photo")
-                mask = mask.resize(im.size, Image.BILINEAR)
-        elif im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            mask = im.convert("RGBA").getchannel("A")
+        mask, m = read_mask(f, im)
+        if m is not None and mask.size != im.size:
+            notes.append(f"mask {m.name} is {mask.size[0]}x{mask.size[1]} but {f.name} is {im.size[0]}x{im.size[1]}: "
+                         "resized to the photo")
+            mask = mask.resize(im.size, Image.BILINEAR)
         found += mask is not None
         pixels.append(resize_center_crop(to_rgb(im), resolution))
         masks.append(resize_center_crop(mask if mask is not None else Image.new("L", im.size, 255), resolution))
