@@ -44,3 +44,18 @@ def image_folder(tmp_path):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
     return d
 
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny random CLIPModel folder (both towers, tokenizer, image processor at 32 px)."""
+    from fewshot_personalize.kernels.testing.tiny_feature_models import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> str:
+    """A tiny random Dinov2Model folder (image processor at 28 px)."""
+    from fewshot_personalize.kernels.testing.tiny_feature_models import build_tiny_dino
+
+    return build_tiny_dino(tmp_path_factory.mktemp("tiny_dino") / "dinov2")

@@ -1,5 +1,6 @@
 """The layering DESIGN.md asks for, checked on the source: kernels/ never imports ComfyUI (or our nodes), and
-inside kernels/ imports point down only (cli > demo > backends > methods > engine > formats > adapters > core)."""
+inside kernels/ imports point down only (cli > demo > backends, evaluation > methods > engine > formats > adapters >
+core); evaluation needs core only."""
 
 import ast
 import re
@@ -11,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
 #: package under kernels/ → layer (higher may import lower or equal, never higher)
-LAYERS = {"core": 0, "testing": 0, "adapters": 1, "formats": 2, "engine": 3, "methods": 4, "backends": 5, "demo": 6,
-          "cli": 7}
+LAYERS = {"core": 0, "testing": 0, "adapters": 1, "formats": 2, "engine": 3, "methods": 4, "backends": 5,
+          "evaluation": 5, "demo": 6, "cli": 7}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
@@ -79,6 +80,11 @@ def test_every_kernels_package_has_a_layer_and_is_installed():
     for init in list(KERNELS.rglob("__init__.py")) + list((ROOT / "nodes").rglob("__init__.py")):
         name = ".".join(["fewshot_personalize", *init.parent.relative_to(ROOT).parts])
         assert f'"{name}"' in pyproject, f"{name} is missing from [tool.setuptools] packages"
+
+
+def test_evaluation_needs_only_core():
+    layers = {_layer(m) for f in (KERNELS / "evaluation").rglob("*.py") for m, _ in _imports(f)}
+    assert layers - {None, "evaluation"} <= {"core"}, layers
 
 
 @pytest.mark.parametrize("module", ["engine.loop", "engine.seams", "engine.method"])
