@@ -1,4 +1,4 @@
-"""Command line: ``python -m fewshot_personalize {train,generate,…}``: the parser and the error policy.
+"""Command line: ``python -m fewshot_personalize {train,generate,evaluate,…}``: the parser and the error policy.
 
 Bad input ends with one line ``error: …`` on stderr and exit code 2, never a traceback or a half-written file.
 """
@@ -12,6 +12,7 @@ import sys
 
 from ..core.errors import TrainingDiverged, TrainingInterrupted, UserInputError
 from ..methods import METHODS
+from .evaluate import add_command as add_evaluate
 
 log = logging.getLogger("fewshot_personalize")
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
 
+    add_evaluate(sub)
     try:
         from ..demo import cli as demo_cli
     except ImportError:
@@ -128,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     a = parser.parse_args(argv)
+    from .evaluate import cmd_evaluate
     from .generate import cmd_generate
     from .train import cmd_train
 
-    commands = {"train": cmd_train, "generate": cmd_generate}
+    commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}
     try:
         from ..demo import cli as demo_cli
 

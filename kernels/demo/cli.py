@@ -1,9 +1,9 @@
-"""Command-line verbs of the demo world: ``demo``, ``evaluate`` and ``bench`` (see kernels/cli.py)."""
+"""Command-line verbs of the demo world: ``demo`` and ``bench``, and the demo evaluator that ``evaluate`` uses without
+``--clip`` (see kernels/cli/evaluate.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,12 +24,6 @@ def add_commands(sub) -> None:
     d.add_argument("--steps", type=int, help="training steps (default: the benchmark's recipe)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overwrite", action="store_true")
-
-    e = sub.add_parser("evaluate", help="score generated images of the demo world against a concept's references")
-    e.add_argument("--images", required=True, help="folder of generated images")
-    e.add_argument("--prompt", required=True, help="the prompt they were generated from")
-    e.add_argument("--references", required=True, help="folder of the concept's reference images")
-    e.add_argument("--out", help="write the metrics JSON here (default: print it)")
 
     b = sub.add_parser("bench", help="quality benchmark: methods × concepts × held-out prompts × seeds")
     b.add_argument("--seeds", type=int, default=3)
@@ -127,23 +121,16 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_evaluate(a) -> int:
+def evaluate_folders(images: str, prompt: str, references: str) -> dict:
+    """The demo evaluator's metrics of a folder of generated images against a folder of references (``evaluate``
+    without ``--clip``)."""
     from ..core.images import list_images, open_rgb
 
-    images = [open_rgb(p) for p in list_images(a.images)]
-    refs = [open_rgb(p) for p in list_images(a.references)]
-    if not a.prompt.strip():
+    imgs = [open_rgb(p) for p in list_images(images)]
+    refs = [open_rgb(p) for p in list_images(references)]
+    if not prompt.strip():
         raise UserInputError("the prompt is empty")
-    metrics = load_evaluator().evaluate(images, a.prompt, refs)
-    text = json.dumps(metrics, indent=1)
-    if a.out:
-        if os.path.exists(a.out):
-            raise UserInputError(f"{a.out} already exists")
-        Path(a.out).write_text(text)
-        print(f"wrote {a.out}")
-    else:
-        print(text)
-    return 0
+    return load_evaluator().evaluate(imgs, prompt, refs)
 
 
 def cmd_bench(a) -> int:
@@ -157,4 +144,4 @@ def cmd_bench(a) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {"demo": cmd_demo, "bench": cmd_bench}
