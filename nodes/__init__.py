@@ -7,6 +7,7 @@ from .apply_adapter import ApplyAdapter
 from .backend.catversion import register_folder
 from .catversion import LoadCatVersion, SaveCatVersion
 from .demo_loader import LoadDemoModel
+from .evaluate import EvaluateConcept, register_folder as register_eval_folder
 from .save_adapter import SaveAdapter
 from .save_embedding import SaveEmbedding
 from .train import TrainConcept
@@ -16,11 +17,13 @@ from .train_pivotal import TrainPivotal
 from .training_images import LoadDemoConcept, LoadImageFolder
 
 register_folder()  # models/catversion
+register_eval_folder()  # models/fewshot_eval
 
 NODES: list[type[io.ComfyNode]] = [
     TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal,  # fewshot/train
     SaveAdapter, ApplyAdapter, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
     LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
+    EvaluateConcept,  # fewshot/evaluate
 ]
 
 
