@@ -198,3 +198,47 @@ def test_generate_refuses_an_adapter_of_another_family(tiny_sd, tiny_sdxl, image
     code, _, err = _run_main(capsys, "generate", "--base", tiny_sd, "--adapter", str(out), "--prompt", "a <sks>",
                              "--n", "1", "--steps", "1", "--out", str(tmp_path / "i"))
     assert code == 2 and "trained for a sdxl model, but this model is sd1" in err
+
+
+def _train_args(*extra):
+    from fewshot_personalize.kernels.cli.main import build_parser
+
+    return build_parser().parse_args(["train", "--images", "imgs", "--out", "o.safetensors", *extra])
+
+
+def test_base_demo_takes_the_benchmark_recipe_unless_flags_say_otherwise():
+    from fewshot_personalize.kernels.cli.train import fill_defaults
+    from fewshot_personalize.kernels.demo.experiment import recipe_for
+
+    a = _train_args("--base", "demo", "--prompt", "a sks toy", "--class-prompt", "a toy")
+    note = fill_defaults(a)
+    r = recipe_for("dreambooth-lora")
+    assert (a.steps, a.lr, a.text_lr, a.rank, a.batch_size, a.train_text_encoder, a.num_class_images) == \
+        (r.steps, r.lr, r.text_lr, r.rank, r.batch_size, r.text, r.n_class)
+    assert "--base demo" in note and f"lr {r.lr}" in note
+
+    a = _train_args("--base", "demo", "--prompt", "a sks toy", "--lr", "1e-4", "--steps", "50", "--no-train-text-encoder")
+    note = fill_defaults(a)
+    assert (a.lr, a.steps, a.train_text_encoder) == (1e-4, 50, False)
+    assert "lr " not in note.replace("text-lr", "") and "--class-prompt" in note  # the recipe's prior is suggested
+
+    a = _train_args("--base", "demo", "--method", "textual-inversion")
+    fill_defaults(a)
+    assert a.lr == recipe_for("textual-inversion").lr
+
+
+def test_other_bases_keep_the_generic_defaults():
+    from fewshot_personalize.kernels.cli.train import DEFAULT_LR, GENERIC_DEFAULTS, fill_defaults
+
+    a = _train_args("--base", "some/model", "--prompt", "a sks toy")
+    assert fill_defaults(a) is None
+    assert (a.steps, a.rank, a.batch_size, a.train_text_encoder) == tuple(GENERIC_DEFAULTS[k] for k in
+                                                                          ("steps", "rank", "batch_size", "train_text_encoder"))
+    assert a.lr == DEFAULT_LR["dreambooth-lora"] and a.text_lr is None
+
+
+def test_train_reports_the_vae_round_trip(tiny_sd, image_folder, tmp_path, capsys):
+    code, out, _ = _run_main(capsys, "train", "--base", tiny_sd, "--images", str(image_folder), "--prompt",
+                             "a sks toy", "--steps", "1", "--rank", "1", "--out", str(tmp_path / "a.safetensors"))
+    assert code == 0
+    assert "VAE round trip of the" in out and "fine detail kept" in out

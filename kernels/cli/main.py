@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a concept (DreamBooth-LoRA, Textual Inversion, CatVersion, pivotal)")
     t.add_argument("--method", default="dreambooth-lora", choices=list(METHODS),
                    help="dreambooth-lora (default), textual-inversion, catversion, or pivotal (TI + DreamBooth-LoRA)")
-    t.add_argument("--base", required=True, help="diffusers model folder, a .safetensors checkpoint, or 'demo'")
+    t.add_argument("--base", required=True, help="diffusers model folder, a .safetensors checkpoint, or 'demo' "
+                                                 "(which also takes the benchmark's recipe for every flag left out)")
     t.add_argument("--images", required=True, help="folder with the 3–10 instance images")
     t.add_argument("--prompt", help='instance prompt: DreamBooth "a sks toy" (required); textual-inversion / pivotal '
                                     'must contain --token; default for those and catversion: --templates')
@@ -68,16 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--class-images", help="folder of class images (also the cache when --num-class-images is given)")
     t.add_argument("--num-class-images", type=int, help="generate class images with the base model until there are N (default 100 with --class-prompt and no folder)")
     t.add_argument("--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss (default 1)")
-    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--steps", type=int, help="training steps (default 400)")
     t.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
-    t.add_argument("--rank", type=int, default=4)
+    t.add_argument("--rank", type=int, help="LoRA rank (default 4)")
     t.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
     t.add_argument("--lr", type=float, help="learning rate (default: 1e-4 LoRA, 5e-3 textual inversion, "
                                              "1e-2 catversion)")
     t.add_argument("--embedding-lr", type=float, help="pivotal: learning rate of the token embeddings (default 5e-3)")
-    t.add_argument("--train-text-encoder", action="store_true", help="also put LoRA on the text encoder(s)")
+    t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
+                   help="also put LoRA on the text encoder(s) (default: no; with --base demo the benchmark recipe)")
     t.add_argument("--text-lr", type=float, help="learning rate of the text-encoder LoRA (default: --lr)")
-    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--batch-size", type=int, help="images per step (default 1)")
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])
     t.add_argument("--warmup-steps", type=int, default=0)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import UserInputError
+from ..core.round_trip import describe as describe_round_trip
 from ..engine.captions import captions
 from ..engine.config import TrainConfig
 from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings,
@@ -18,6 +19,40 @@ from .common import base_name, resolve_base
 #: CatVersion as the paper's effective rate (5e-3 × batch 2)
 DEFAULT_LR = {"dreambooth-lora": 1e-4, "pivotal": 1e-4, "textual-inversion": 5e-3, "catversion": 1e-2}
 DEFAULT_EMBEDDING_LR = 5e-3
+#: the other flags the user may leave out (None in the parser), for any base model but the demo model
+GENERIC_DEFAULTS = {"steps": 400, "rank": 4, "batch_size": 1, "train_text_encoder": False}
+
+
+def fill_defaults(a) -> str | None:
+    """Fill the flags left out. With ``--base demo`` they come from the benchmark's recipe for the method (the
+    settings README's demo numbers were measured with; real SD models want far gentler ones), and the note
+    returned says so; otherwise from :data:`GENERIC_DEFAULTS` / :data:`DEFAULT_LR`."""
+    defaults = dict(GENERIC_DEFAULTS, lr=DEFAULT_LR[a.method], embedding_lr=DEFAULT_EMBEDDING_LR)
+    note = None
+    if a.base == "demo":
+        from ..demo.experiment import recipe_for
+
+        r = recipe_for(a.method)
+        defaults.update(steps=r.steps, rank=r.rank, batch_size=r.batch_size, train_text_encoder=r.text, lr=r.lr,
+                        embedding_lr=r.embedding_lr)
+        if r.text:
+            defaults["text_lr"] = r.text_lr
+        if r.prior and a.class_prompt and not a.class_images:
+            defaults["num_class_images"] = r.n_class
+        relevant = {"steps", "batch_size", "lr", "num_class_images"}
+        if METHODS[a.method].uses_prior:  # the LoRA methods
+            relevant |= {"rank", "train_text_encoder", "text_lr"}
+        if a.method == PivotalTuning.name:
+            relevant.add("embedding_lr")
+        taken = {k: v for k, v in defaults.items() if k in relevant and getattr(a, k, None) is None}
+        note = ("--base demo: the benchmark's " + a.method + " recipe for the flags left out ("
+                + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in taken.items()) + ")")
+        if r.prior and not a.class_prompt:
+            note += '; the recipe uses prior preservation: add --class-prompt "a <class word>"'
+    for k, v in defaults.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    return note
 
 
 def build_method(a):
@@ -33,7 +68,7 @@ def build_method(a):
         return TextualInversion(ti())
     if a.method == CatVersion.name:
         return CatVersion(CatVersionSettings(layers=parse_layer_spec(a.catversion_layers), num_tokens=a.catversion_tokens))
-    return PivotalTuning(PivotalSettings(lora=lora(), embedding=ti(a.embedding_lr or DEFAULT_EMBEDDING_LR)))
+    return PivotalTuning(PivotalSettings(lora=lora(), embedding=ti(a.embedding_lr)))
 
 
 def instance_prompts(a) -> tuple[str, ...]:
@@ -66,11 +101,14 @@ def cmd_train(a) -> int:
     from ..engine.loop import Trainer
     from ..formats.safetensors_io import atomic_save, check_output_path
 
+    note = fill_defaults(a)
+    if note:
+        print(f"note: {note}")
     method = build_method(a)
     # validated before the model loads; resolution 8 stands in for the model's native size until then
     cfg = TrainConfig(instance_prompts=instance_prompts(a), class_prompt=a.class_prompt, prior_weight=a.prior_weight,
                       steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                      lr=a.lr if a.lr is not None else DEFAULT_LR[a.method], lr_schedule=a.lr_schedule,
+                      lr=a.lr, lr_schedule=a.lr_schedule,
                       warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma, noise_offset=a.noise_offset,
                       random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing, resolution=a.resolution or 8,
                       seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype,
@@ -114,6 +152,7 @@ def cmd_train(a) -> int:
 
     ckpt = str(out.with_suffix("")) + ".checkpoint.safetensors"
     with Trainer(denoiser, text, method, TrainData(instance, class_pixels, masks), cfg, device=device) as trainer:
+        print(describe_round_trip(trainer.vae_round_trip()))
         bar = tqdm(total=cfg.steps, desc=f"train {a.method}", unit="step")
         if a.resume and os.path.exists(ckpt):
             bar.set_description(f"train {a.method} (resumed)")

@@ -43,6 +43,7 @@ class Recipe:
     prior: bool = False
     text: bool = False
     rank: int = 4
+    batch_size: int = 2
     lr: float = 3e-3
     text_lr: float = 1.5e-3
     n_class: int = 16
@@ -140,7 +141,8 @@ def personalize(pipe, concept: str, recipe: Recipe, seed: int,
     instance = pil_to_tensor([im for im, _ in refs])
     class_prompt = f"a {c.cls}"
     cfg = TrainConfig(instance_prompts=f"a {recipe.phrase(c)}", class_prompt=class_prompt if recipe.prior else None,
-                      steps=recipe.steps, lr=recipe.lr, resolution=RESOLUTION, seed=seed, batch_size=2)
+                      steps=recipe.steps, lr=recipe.lr, resolution=RESOLUTION, seed=seed,
+                      batch_size=recipe.batch_size)
     prior = class_images(pipe, class_prompt, recipe.n_class, seed) if recipe.prior else None
     with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), recipe.build(c), TrainData(instance, prior),
                  cfg) as trainer:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..core.devices import pick_dtype
 from ..core.errors import TrainingDiverged, TrainingInterrupted, UserInputError
 from ..core.losses import min_snr_weights, offset_noise, per_sample_mse, prior_preservation_loss
+from ..core.round_trip import round_trip_report
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, fingerprint
 from .data import LatentCache, TrainData, epoch_indices, step_generator
@@ -36,6 +37,8 @@ class TrainResult:
     steps: int
     seconds: float
     prior_losses: list[float] = field(default_factory=list)
+    #: :meth:`Trainer.vae_round_trip` of the instance images, when the caller measured it
+    vae_round_trip: dict | None = None
 
     def final_loss(self, last: int = 10) -> str:
         """``"0.1234 (mean of last 10)"``: the loss to report at the end of a run (one step's loss is noise)."""
@@ -121,6 +124,13 @@ class Trainer:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+    def vae_round_trip(self, batch: int = 8) -> dict:
+        """What the model's VAE keeps of the instance images (their cached latent means decoded again), over the
+        subject masks when given: the ceiling of any method on this model (core/round_trip.py)."""
+        mean = self.instance_latents.mean
+        rec = torch.cat([self.denoiser.decode_latents(mean[i:i + batch]) for i in range(0, mean.shape[0], batch)])
+        return round_trip_report(self.data.instance, rec, self.data.masks)
 
     def export(self, steps: int | None = None, **info: str) -> dict[str, Artifact]:
         """The method's files for the current state."""

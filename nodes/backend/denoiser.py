@@ -88,6 +88,12 @@ class ComfyDenoiser:
         scaled_mean = lf.process_in(mean)
         return scaled_mean.cpu(), (std * lf.scale_factor).cpu()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (as :meth:`encode_images` returns them) → pixels [N,3,H,W] in [-1,1]."""
+        images = self.vae.decode(self.base.latent_format.process_out(latents.float()))  # [N,H,W,C] in [0,1]
+        return (images.float().movedim(-1, 1)[:, :3] * 2 - 1).clamp(-1, 1).cpu()
+
     def adapter_roots(self, targets: tuple[str, ...] = UNET_TARGETS) -> list[AdapterRoot]:
         """ComfyUI's LDM module paths, with their diffusers names as canonical names (what files carry)."""
         unet = self.base.diffusion_model

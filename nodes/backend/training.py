@@ -3,6 +3,7 @@ ComfyUI's Cancel check), checkpoints in the output folder, and a preview sample.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from ...kernels.core.errors import TrainingDiverged
+from ...kernels.core.round_trip import describe as describe_round_trip
 from ...kernels.engine.config import TrainConfig
 from ...kernels.engine.data import TrainData
 from ...kernels.engine.loop import Trainer, TrainResult
@@ -22,6 +24,7 @@ from ...kernels.formats.safetensors_io import safe_join
 from .session import TrainingSession
 
 CHECKPOINT_DIR = "fewshot_checkpoints"
+log = logging.getLogger(__name__)
 
 
 def first(v, default=None):
@@ -52,9 +55,12 @@ def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainCo
                 Trainer(session.denoiser, session.text_encoder, method, data, cfg,
                         device=session.denoiser.device) as trainer:
             try:
+                ceiling = trainer.vae_round_trip()
+                log.info(describe_round_trip(ceiling))
                 result = trainer.train(on_step=on_step, checkpoint_path=checkpoint, resume=resume)
             except TrainingDiverged as e:
                 raise ValueError(str(e)) from None
+            result.vae_round_trip = ceiling
             artifacts = trainer.export(trainer="comfyui", final_loss=f"{result.losses[-1]:.6f}")
             return result, artifacts, session.denoiser.family
 
@@ -78,7 +84,10 @@ def preview_or_blank(make: Callable[[], torch.Tensor], steps: int) -> torch.Tens
 
 
 def summary(result: TrainResult, what: str) -> str:
-    return f"trained {result.steps} steps in {result.seconds:.1f} s, {what}, final loss {result.final_loss()}"
+    text = f"trained {result.steps} steps in {result.seconds:.1f} s, {what}, final loss {result.final_loss()}"
+    if result.vae_round_trip is not None:
+        text += "\n" + describe_round_trip(result.vae_round_trip)
+    return text
 
 
 def model_inputs() -> list:

@@ -290,6 +290,7 @@ def test_images_of_different_sizes_and_mask_of_wrong_size_are_resized(tiny_objec
     assert result.args[2].weights and "resizing the mask" in caplog.text
     text = result.ui.as_dict()["text"][0]  # what the node shows in the UI
     assert text.startswith("trained 1 steps")
+    assert "VAE round trip of the 3 instance images (subject)" in text  # the model's ceiling, before blaming the method
     assert f"2 image(s) of 64x48 scaled (shorter side to {RES}) and centre-cropped to {RES}x{RES}" in text
     assert f"1 image(s) of 32x40 centre-cropped to {RES}x{RES}" in text  # shorter side already 32: crop only
     assert "mask 0 is 12x10 but its image is 64x48: resizing the mask to the image" in text

@@ -36,6 +36,12 @@ class DiffusersDenoiser:
         mean = (dist.mean - self.shift_factor) * self.scaling_factor
         return mean.float(), (dist.std * self.scaling_factor).float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (as :meth:`encode_images` returns them) → pixels [N,3,H,W] in [-1,1]."""
+        z = latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1).cpu()
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         added = None
         if self.family == "sdxl":
