@@ -62,8 +62,21 @@ def test_measure_model_quality_with_a_perfect_and_a_blind_generator(ev):
     def blind(caption, seed):
         return Image.new("RGB", (64, 64), (128, 128, 128))
 
-    good = Q.measure_model_quality(ev, perfect, per_combination=2, n_seen=6, seed=5)
-    bad = Q.measure_model_quality(ev, blind, per_combination=2, n_seen=6, seed=5)
-    assert good["captions"] == {"held_out": 2 * len(HOLDOUT), "seen": 6}
+    good = Q.measure_model_quality(ev, perfect, per_combination=2, n_seen=6, n_two=10, seed=5)
+    bad = Q.measure_model_quality(ev, blind, per_combination=2, n_seen=6, n_two=10, seed=5)
+    assert good["captions"] == {"held_out": 2 * len(HOLDOUT), "seen": 6, "two_objects": 10}
     assert good["held_out"]["all"] >= 0.8 and good["seen"]["all"] >= 0.8
+    assert good["two_objects"]["both"] >= 0.7 and good["two_objects_ideal_renders"]["both"] >= 0.7
     assert bad["held_out"]["cls"] == 0.0 and bad["held_out"]["all"] == 0.0
+    assert bad["two_objects"]["both"] == 0.0 and bad["two_objects"]["objects"] == 0.0
+
+
+def test_both_objects_right_needs_each_object_once(ev):
+    scenes = Q.two_object_scenes(6, seed=3)
+    images = [W.render(s)[0] for s in scenes]
+    right = Q.both_objects_right(ev, images, [s.caption() for s in scenes])
+    assert right["both"] >= 0.8
+    # one object shown alone cannot satisfy a caption that asks for two
+    alone = [W.render(W.Scene([s.objects[0]], s.context, s.texture_seed))[0] for s in scenes]
+    half = Q.both_objects_right(ev, alone, [s.caption() for s in scenes])
+    assert half["both"] <= 0.2 and half["objects"] <= 0.6

@@ -71,46 +71,63 @@ def test_demo_command_other_methods_ci_sized(method, tmp_path, capsys):
     assert expected in m["prompts"]
 
 
+TINY = dict(n_images=48, threads=2, measure=False)
+
+
 def test_pretraining_smoke(tmp_path):
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 
-    rec = pretrain(tmp_path / "m", n_images=48, vae_steps=2, unet_minutes=0.03, threads=2, decoder_steps=2)
+    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=0.02, **TINY)
     assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
-    assert rec["vae"]["decoder_finetune"]["steps"] == 2
     check = rec["vae"]["held_out_reconstruction"]
     assert 0 < check["mse"] < 10 and check["images"] > 0 and check["object_mse"] > 0
     pipe = load_pipeline(str(tmp_path / "m"))
     assert pipe.vae.config.scaling_factor == pytest.approx(rec["latent_scaling_factor"])
-    assert json.loads((tmp_path / "m" / "pretrain_log.json").read_text())["seed"] == 0
+    assert json.loads((tmp_path / "m" / "pretrain_log.json").read_text())["settings"]["seed"] == 0
     assert torch.isfinite(next(pipe.unet.parameters())).all()
-
-
-def test_pretraining_resumes_a_pretrained_folder_in_place(tmp_path):
-    from safetensors.torch import load_file
-
-    from fewshot_personalize.kernels.demo.pretrain import pretrain
-
-    first = pretrain(tmp_path / "m", n_images=32, vae_steps=1, unet_minutes=0.02, threads=2, decoder_steps=1)
-    vae_before = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
-    unet_before = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
-    rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0.02, threads=2, resume_from=tmp_path / "m")
-    assert rec["resumed_from"] == str(tmp_path / "m") and rec["seed"] != first["seed"]
-    assert rec["latent_scaling_factor"] == pytest.approx(first["latent_scaling_factor"])
-    log = json.loads((tmp_path / "m" / "pretrain_log.json").read_text())
-    assert log["earlier"][0]["unet"]["steps"] == first["unet"]["steps"] and log["unet"]["steps"] >= 1
-    vae_after = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
-    unet_after = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)  # the VAE is kept
-    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)  # the UNet trained on
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "w"]  # no staging folder left behind
     assert not any("_name_or_path" in json.loads(c.read_text()) for c in (tmp_path / "m").glob("*/config.json"))
 
-    # decoder fine-tuning on a resumed model: the encoder (the UNet's latent space) is untouched
-    rec = pretrain(tmp_path / "m", n_images=32, unet_minutes=0, threads=2, resume_from=tmp_path / "m",
-                   decoder_steps=2)
-    assert rec["unet"]["steps"] == 0 and rec["vae"]["decoder_finetune"]["steps"] == 2
-    vae_tuned = load_file(str(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(vae_after[k], vae_tuned[k]) for k in vae_after if not k.startswith(("decoder.", "post_quant")))
-    assert any(not torch.equal(vae_after[k], vae_tuned[k]) for k in vae_after if k.startswith("decoder."))
-    with pytest.raises(FileNotFoundError, match="not a pretrained demo model"):
-        pretrain(tmp_path / "x", n_images=8, unet_minutes=0.01, resume_from=tmp_path / "nothing")
+
+def test_pretraining_resumes_after_an_interruption_and_extends_a_finished_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from fewshot_personalize.kernels.demo import pretrain as P
+    from fewshot_personalize.kernels.demo import unet_training
+
+    real, calls = unet_training.lr_factor, []
+
+    def stop_after_three(*a, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(unet_training, "lr_factor", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):  # killed in the UNet stage, after a checkpoint at every step
+        P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=600, checkpoint_every_s=0,
+                   **TINY)
+    assert not (tmp_path / "m").exists()
+    progress = json.loads((tmp_path / "w" / "progress.json").read_text())
+    assert progress["unet"]["steps"] == 3 and progress["vae"]["steps"] >= 1
+    vae_state = load_file(str(tmp_path / "w" / "vae_state.safetensors"))
+
+    monkeypatch.setattr(unet_training, "lr_factor", real)
+    more = progress["unet"]["done_s"] / 60 + 0.03  # a budget beyond what the interrupted session spent
+    rec = P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=more, **TINY)
+    assert len(rec["sessions"]) == 2 and rec["unet"]["steps"] > 3
+    assert "render_s" not in rec["sessions"][1]  # the latents were cached: nothing re-rendered
+    assert all(torch.equal(vae_state[k], v) for k, v in load_file(str(tmp_path / "w" / "vae_state.safetensors")).items())
+    unet_before = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    more = rec["unet"]["done_s"] / 60 + 0.03
+    rec2 = P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=more, **TINY)
+    assert rec2["unet"]["steps"] > rec["unet"]["steps"] and rec2["unet"]["done_s"] >= more * 60
+    unet_after = load_file(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+
+    with pytest.raises(ValueError, match="other settings.*n_images"):
+        P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=more,
+                   **(TINY | {"n_images": 40}))
+    with pytest.raises(ValueError, match="VAE stage .* is finished"):
+        P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=5, unet_minutes=more, **TINY)

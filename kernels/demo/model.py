@@ -65,8 +65,9 @@ def demo_model_path() -> Path:
     return path
 
 
-def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0):
-    """Fresh (random) UNet, VAE, text encoder, tokenizer and DDPM schedule of the demo architecture."""
+def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0, latent_channels: int | None = None):
+    """Fresh (random) UNet, VAE, text encoder, tokenizer and DDPM schedule of the demo architecture
+    (``latent_channels``: another latent width than :data:`VAE_CONFIG`'s, for measuring alternatives)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -76,8 +77,9 @@ def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0):
 
     ids = write_clip_tokenizer(all_words(), tokenizer_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    channels = latent_channels or VAE_CONFIG["latent_channels"]
+    unet = UNet2DConditionModel(**(UNET_CONFIG | {"in_channels": channels, "out_channels": channels}))
+    vae = AutoencoderKL(**(VAE_CONFIG | {"latent_channels": channels}))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=ids["vocab_size"], bos_token_id=ids["bos_token_id"],
                                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], **TEXT_CONFIG))
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))

@@ -30,7 +30,7 @@ def save_checkpoint(path: str | os.PathLike, *, step: int, params: dict[str, tor
         "fingerprint": fingerprint,
         "losses": json.dumps(losses),
         "optim.param_groups": json.dumps(opt["param_groups"]),
-        "scheduler": json.dumps(scheduler.state_dict(), default=lambda o: None),
+        "scheduler": json.dumps(scheduler.state_dict() if scheduler is not None else None, default=lambda o: None),
         "extra": json.dumps(extra or {}),
     }
     atomic_save(tensors, path, meta, overwrite=True)
@@ -39,7 +39,8 @@ def save_checkpoint(path: str | os.PathLike, *, step: int, params: dict[str, tor
 
 def load_checkpoint(path: str | os.PathLike, *, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler, fingerprint: str) -> tuple[int, list[float], dict]:
-    """Restore state in place; returns (step, losses so far, extra). Refuses a checkpoint of other settings."""
+    """Restore state in place; returns (step, losses so far, extra). Refuses a checkpoint of other settings.
+    ``scheduler`` may be None on both sides (a loop that sets its learning rate itself)."""
     tensors, meta = load_safetensors(path)
     if "fsp.checkpoint_version" not in meta:
         raise UserInputError(f"{path} is not a training checkpoint of this project")
@@ -59,7 +60,8 @@ def load_checkpoint(path: str | os.PathLike, *, params: dict[str, torch.Tensor],
             state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["optim.param_groups"])})
     sched_state = json.loads(meta["scheduler"])
-    sched_state.pop("lr_lambdas", None)
-    scheduler.load_state_dict({**scheduler.state_dict(), **sched_state})
+    if scheduler is not None and sched_state is not None:
+        sched_state.pop("lr_lambdas", None)
+        scheduler.load_state_dict({**scheduler.state_dict(), **sched_state})
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), json.loads(meta["losses"]), json.loads(meta.get("extra", "{}"))

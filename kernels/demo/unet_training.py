@@ -1,0 +1,83 @@
+"""Training the demo model's UNet and text encoder jointly on cached latents of captioned world scenes.
+
+ε-prediction DDPM loss (Ho et al. 2020 eq. 14), 10 % empty captions for classifier-free guidance (Ho & Salimans
+2022), gradient clipping at 1, and an EMA copy of both networks (decay 0.999, warmed up as (1+n)/(10+n)) that is
+what gets saved. Learning rate: warm-up over 100 steps, constant, then a linear decay to zero over the last
+``cooldown`` fraction of the time budget (the decay phase of a warmup-stable-decay schedule; time-based because the
+budget is).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .time_budget import OnCheckpoint, TimeBudget
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, progress: float, warmup: int, cooldown: float) -> float:
+    """Warmup-stable-decay multiplier: linear warm-up over ``warmup`` steps, then 1, then a linear decay to 0 over
+    the last ``cooldown`` fraction of the budget (``progress`` = fraction of the budget spent)."""
+    factor = min(1.0, (step + 1) / warmup)
+    if cooldown > 0:
+        factor *= min(1.0, max(0.0, 1.0 - progress) / cooldown)
+    return factor
+
+
+def make_optimizer(unet, text, lr: float = 5e-4, text_lr: float = 2e-4) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([{"params": list(unet.parameters()), "lr": lr},
+                              {"params": list(text.parameters()), "lr": text_lr}], weight_decay=1e-2)
+
+
+def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, alphas_cumprod: torch.Tensor,
+               latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, *, budget_s: float, done_s: float,
+               done_steps: int, seed: int, base_lrs: tuple[float, float], batch: int = 32, ema_decay: float = 0.999,
+               p_uncond: float = 0.1, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
+               on_checkpoint: OnCheckpoint | None = None) -> dict:
+    """``nets``: ``unet``, ``text`` and their EMA copies ``ema_unet``, ``ema_text``. Trains until ``budget_s``
+    seconds have been spent in all sessions; ``done_steps`` continues the warm-up and EMA counters.
+    ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end."""
+    unet, text, ema_unet, ema_text = nets["unet"], nets["text"], nets["ema_unet"], nets["ema_text"]
+    g = torch.Generator().manual_seed(seed)
+    params = list(unet.parameters()) + list(text.parameters())
+    pairs = [(pe, p) for m_ema, m in ((ema_unet, unet), (ema_text, text))
+             for pe, p in zip(m_ema.parameters(), m.parameters())]
+    unet.train()
+    text.train()
+    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint)
+    losses, step = [], done_steps
+    while clock.running():
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        tok[torch.rand(batch, generator=g) < p_uncond] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas_cumprod), (batch,), generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        factor = lr_factor(step, clock.progress(), 100, cooldown)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, text(tok)[0]).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in pairs:
+                pe.lerp_(p, 1 - d)
+        losses.append(loss.item())
+        step += 1
+        if len(losses) % 50 == 0:
+            log.info("unet step %d loss %.4f (%.0f of %.0f s)", step, np.mean(losses[-50:]), clock.spent, budget_s)
+        clock.tick(step, losses)
+    seconds = clock.finish(step, losses)
+    unet.eval()
+    text.eval()
+    return {"steps": step - done_steps, "seconds": seconds,
+            "loss_curve_per_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]}
