@@ -77,8 +77,12 @@ TINY = dict(n_images=48, threads=2, measure=False)
 def test_pretraining_smoke(tmp_path):
     from fewshot_personalize.kernels.demo.pretrain import pretrain
 
-    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.02, unet_minutes=0.02, **TINY)
-    assert rec["vae"]["steps"] >= 1 and rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
+    first = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0, **TINY)
+    assert first["vae"]["steps"] >= 1 and first["unet"]["steps"] == 0  # stop after the VAE, for a look at it
+    vae_steps, more = first["vae"]["steps"], first["vae"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=more, unet_minutes=0.02, **TINY)
+    assert rec["vae"]["steps"] > vae_steps  # the VAE trained on: the UNet had not started
+    assert rec["unet"]["steps"] >= 1 and rec["latent_scaling_factor"] > 0
     check = rec["vae"]["held_out_reconstruction"]
     assert 0 < check["mse"] < 10 and check["images"] > 0 and check["object_mse"] > 0
     pipe = load_pipeline(str(tmp_path / "m"))

@@ -1,7 +1,9 @@
 """The demo base model: a small SD1-style text-to-image model of the demo world, shipped with the project.
 
 Architecture (diffusers classes, so every back end reads it like a real SD1.x folder): an AutoencoderKL with 4×
-downsampling (64×64×3 pixels ↔ 16×16×4 latents), a UNet2DConditionModel with cross-attention at 16×16 and 8×8,
+downsampling (64×64×3 pixels ↔ 16×16×8 latents for demo model 2, which pretrain.py builds from these configs;
+the shipped folder's own config.json files describe the weights it holds), a UNet2DConditionModel with
+cross-attention at 16×16 and 8×8,
 and a CLIP text encoder whose byte-level BPE tokenizer (kernels/word_tokenizer.py) knows the world's words plus
 rare identifier words (``sks``, ``xyz``, ``zwx``, ``qrt``) that never occur in pretraining captions.
 Pretrained on CPU by kernels/demo/pretrain.py (its log lies beside the weights).
@@ -47,8 +49,8 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(32, 32, 64),
     layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=32,
+    latent_channels=8,  # demo model 2 (model 1: 4)
+    norm_num_groups=8,  # model 1: 32, i.e. one channel per group, which normalises away each map's mean
     sample_size=RESOLUTION,
 )
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

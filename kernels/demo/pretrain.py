@@ -15,7 +15,8 @@ half-written), with ``pretrain_log.json``: settings, every session's stage times
 
 Every stage checkpoints into ``--work`` every 5 minutes. The same command run again with the same ``--work`` —
 after an interruption, in another session — continues where it stopped; a larger ``--unet-minutes`` extends a
-finished run (the learning-rate schedule stretches to the new budget). A resumed session draws fresh batches
+finished run (the learning-rate schedule stretches to the new budget), and a larger ``--vae-minutes`` extends the
+VAE stage as long as the UNet has not started (``--unet-minutes 0`` stops after the VAE, for a look at it). A resumed session draws fresh batches
 (seed + session number), so resuming is not bit-identical to an uninterrupted run.
 """
 
@@ -182,6 +183,12 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"])
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     latents_file = work.path / "latents.safetensors"
+    vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
+    if latents_file.is_file() and vae_more:
+        if work.stage("unet")["steps"] > 0:
+            raise ValueError(f"the VAE stage of {work.path} is finished ({work.stage('vae')['done_s'] / 60:.0f} min) "
+                             "and the UNet trains on its latents; a longer --vae-minutes needs a new --work folder")
+        latents_file.unlink()  # the UNet has not started: the VAE may still train on
 
     if not latents_file.is_file():  # stages 1-3
         t0 = time.perf_counter()
@@ -214,10 +221,6 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         del images, masks
         work.save()
     else:
-        vae_stage = work.stage("vae")
-        if vae_minutes * 60 > vae_stage["done_s"] + 60:
-            raise ValueError(f"the VAE stage of {work.path} is finished ({vae_stage['done_s'] / 60:.0f} min) and the "
-                             "UNet trains on its latents; a longer --vae-minutes needs a new --work folder")
         work.load_state("vae", {"vae": vae}, torch.optim.AdamW(vae.parameters()))
     from ..formats.safetensors_io import load_safetensors
 
