@@ -118,3 +118,23 @@ def vae_report(evaluator, vae, concepts=None, seeds: int = 1) -> dict:
     return {"concepts": ceilings,
             "min_ratio": min(v[k]["ratio"] for v in ceilings.values() for k in v),
             "colour": colour_round_trip(vae)}
+
+
+def main(argv=None) -> None:
+    """``python -m fewshot_personalize.kernels.demo.vae_quality VAE_FOLDER``: print :func:`vae_report` as JSON."""
+    import argparse
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from .evaluator import Evaluator
+
+    ap = argparse.ArgumentParser(description="What a VAE keeps of the demo concepts and of off-palette colours.")
+    ap.add_argument("vae", help="a diffusers AutoencoderKL folder (e.g. kernels/demo/weights/model/vae)")
+    ap.add_argument("--seeds", type=int, default=1)
+    a = ap.parse_args(argv)
+    print(json.dumps(vae_report(Evaluator.load(), AutoencoderKL.from_pretrained(a.vae).eval(), seeds=a.seeds), indent=1))
+
+
+if __name__ == "__main__":
+    main()
