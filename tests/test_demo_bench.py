@@ -3,7 +3,7 @@
 import pytest
 
 from fewshot_personalize.kernels.demo.bench import REFERENCES, THROUGH_VAE, markdown, summarise
-from fewshot_personalize.kernels.demo.pretrain import lr_factor
+from fewshot_personalize.kernels.demo.unet_training import lr_factor
 
 BASE, PRIOR, NOPRIOR = ("base model (no personalization)", "DreamBooth-LoRA, prior, UNet + text encoder",
                         "DreamBooth-LoRA, no prior, UNet + text encoder")
