@@ -32,11 +32,11 @@ def test_vae_round_trip_keeps_world_renders_close():
     import numpy as np
 
     from fewshot_personalize.kernels.demo import world
-    from fewshot_personalize.kernels.demo.experiment import vae_round_trip
+    from fewshot_personalize.kernels.demo.vae_quality import round_trip
 
     rng = np.random.default_rng(5)
     images = [world.render(world.sample_scene(rng, n_objects=1))[0] for _ in range(4)]
-    back = vae_round_trip(load_pipeline(str(MODEL_DIR)), images)
+    back = round_trip(load_pipeline(str(MODEL_DIR)).vae, images)
     assert [im.size for im in back] == [im.size for im in images]
     error = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255 for a, b in zip(back, images)]
     swapped = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255

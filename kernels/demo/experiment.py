@@ -18,7 +18,7 @@ from PIL import Image
 from ..backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from ..backends.diffusers.adapters import PipelineAdapters
 from ..backends.diffusers.generate import generate_images, use_sampler
-from ..core.images import pil_to_tensor, tensor_to_pil
+from ..core.images import pil_to_tensor
 from ..engine.config import TrainConfig
 from ..engine.data import TrainData
 from ..engine.loop import Trainer, TrainResult
@@ -27,6 +27,7 @@ from ..methods import (CatVersion, CatVersionSettings, DreamBoothLora, LoraSetti
                        TextualInversion, TextualInversionSettings)
 from .concepts import get_concept, prompt_specs, reference_images, render_prompt
 from .model import RESOLUTION, demo_model_path
+from .vae_quality import round_trip
 
 TOKEN = "<sks>"
 
@@ -179,13 +180,6 @@ def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2,
     }
 
 
-def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
-    """Encode and decode through the model's VAE: the best any UNet on this model could draw these images."""
-    with torch.no_grad():
-        latents = pipe.vae.encode(pil_to_tensor(images)).latent_dist.mean
-        return tensor_to_pil(pipe.vae.decode(latents).sample)
-
-
 def reference_score(evaluator, concept: str, seed: int, pipe=None) -> dict:
     """The ceiling: ideal renders of the concept for each held-out prompt, scored like generated images; with
     ``pipe``, the same renders passed through its VAE are scored too, under ``"through_vae"`` (the ceiling of
@@ -198,7 +192,7 @@ def reference_score(evaluator, concept: str, seed: int, pipe=None) -> dict:
     for k, spec in enumerate(prompt_specs(c)):
         renders = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(2)]
         for v in views:
-            imgs = renders if v == "ideal" else vae_round_trip(pipe, renders)
+            imgs = renders if v == "ideal" else round_trip(pipe.vae, renders)
             sf[v].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
             pf[v].append(evaluator.prompt_fidelity(imgs, spec.expected(c.cls)))
     scores = {v: {"subject_fidelity": float(np.mean(sf[v])), "prompt_fidelity": float(np.mean(pf[v]))} for v in views}

@@ -112,13 +112,14 @@ def both_objects_right(evaluator, images, captions: list[str]) -> dict[str, floa
     both, found_objects = [], []
     for rec, caption in zip(evaluator.recognise(images), captions):
         free = [(o["cls"], o["colour"]) for o in rec["objects"]]
+        wanted = world.parse_prompt(caption)["objects"]
         found = 0
-        for want in world.parse_prompt(caption)["objects"]:
+        for want in wanted:
             key = (want["cls"], want["colour"])
             if key in free:
                 free.remove(key)
                 found += 1
-        asked = len(world.parse_prompt(caption)["objects"])
+        asked = len(wanted)
         both.append(found == asked)
         found_objects.append(found / asked)
     return {"both": float(np.mean(both)), "objects": float(np.mean(found_objects)), "captions": len(captions)}

@@ -36,7 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import HOLDOUT, MODEL_DIR, RESOLUTION, build_untrained
+from ..core.cache import cache_root
+from ..formats.checkpoint import load_checkpoint, save_checkpoint
+from ..formats.safetensors_io import atomic_save, load_safetensors
+from .model import HOLDOUT, MODEL_DIR, RESOLUTION, VAE_CONFIG, build_untrained
 from .unet_training import make_optimizer, train_unet
 from .vae_training import pixel_error, to_pixels, train_vae
 
@@ -89,11 +92,9 @@ def _drop_local_paths(folder: Path) -> None:
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def default_work_dir(out_dir: Path, settings: dict) -> Path:
-    """``$FEWSHOT_CACHE`` (or ``~/.cache/fewshot_personalize``)/pretrain/<settings hash>: outside the repo."""
-    root = Path(os.environ.get("FEWSHOT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "fewshot_personalize"))
-    return root / "pretrain" / _fingerprint(settings)
+def default_work_dir(settings: dict) -> Path:
+    """The user cache (core/cache.py)/pretrain/<settings hash>: outside the repo."""
+    return cache_root() / "pretrain" / _fingerprint(settings)
 
 
 def _fingerprint(settings: dict) -> str:
@@ -122,34 +123,34 @@ class WorkFolder:
     def stage(self, name: str) -> dict:
         return self.progress.setdefault(name, {"done_s": 0.0, "steps": 0, "loss_curve_per_50": []})
 
-    def save_state(self, name: str, modules: dict[str, torch.nn.Module], optimizer, steps: int) -> None:
-        from ..formats.checkpoint import save_checkpoint
+    @staticmethod
+    def _params(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+        return {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
 
-        params = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
-        save_checkpoint(self.path / f"{name}_state.safetensors", step=steps, params=params, optimizer=optimizer,
-                        scheduler=None, losses=[], fingerprint=self.fingerprint)
+    def save_state(self, name: str, modules: dict[str, torch.nn.Module], optimizer, steps: int) -> None:
+        save_checkpoint(self.path / f"{name}_state.safetensors", step=steps, params=self._params(modules),
+                        optimizer=optimizer, scheduler=None, losses=[], fingerprint=self.fingerprint)
 
     def load_state(self, name: str, modules: dict[str, torch.nn.Module], optimizer) -> bool:
-        from ..formats.checkpoint import load_checkpoint
-
         file = self.path / f"{name}_state.safetensors"
         if not file.is_file():
             return False
-        params = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
-        load_checkpoint(file, params=params, optimizer=optimizer, scheduler=None, fingerprint=self.fingerprint)
+        load_checkpoint(file, params=self._params(modules), optimizer=optimizer, scheduler=None,
+                        fingerprint=self.fingerprint)
         return True
 
 
 def _checkpointer(work: WorkFolder, name: str, modules: dict, optimizer, session: dict):
+    """``on_checkpoint(done_s, steps in all sessions, this session's losses)`` of one stage: state file, stage
+    progress and this session's seconds in ``progress.json``."""
     stage = work.stage(name)
-    start_steps, start_curve = stage["steps"], list(stage["loss_curve_per_50"])
+    start_s, start_curve = stage["done_s"], list(stage["loss_curve_per_50"])
 
     def on_checkpoint(done_s: float, steps: int, losses: list[float]) -> None:
-        total = steps if name == "unet" else start_steps + steps
-        work.save_state(name, modules, optimizer, total)
-        stage.update(done_s=done_s, steps=total,
+        work.save_state(name, modules, optimizer, steps)
+        stage.update(done_s=done_s, steps=steps,
                      loss_curve_per_50=start_curve + [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)])
-        session[f"{name}_s"] = done_s - session[f"{name}_start_s"]
+        session[f"{name}_s"] = done_s - start_s
         work.save()
 
     return on_checkpoint
@@ -163,15 +164,13 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from .model import VAE_CONFIG
-
     torch.set_num_threads(threads)
     settings = {"seed": seed, "n_images": n_images, "p_two_objects": P_TWO_OBJECTS, "resolution": RESOLUTION,
                 "latent_channels": latent_channels or VAE_CONFIG["latent_channels"], "vae_lr": VAE_LR,
                 "vae_batch": VAE_BATCH, "unet_lr": UNET_LR, "text_lr": TEXT_LR, "unet_batch": UNET_BATCH,
                 "cooldown": cooldown, "holdout": [dict(h) for h in HOLDOUT]}
     out_dir = Path(out_dir)
-    work = WorkFolder(Path(work_dir) if work_dir else default_work_dir(out_dir, settings), settings)
+    work = WorkFolder(Path(work_dir) if work_dir else default_work_dir(settings), settings)
     progress = work.progress
     session_no = len(progress["sessions"])
     session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "torch": torch.__version__,
@@ -198,9 +197,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
         work.load_state("vae", {"vae": vae}, vae_opt)
         stage = work.stage("vae")
-        session["vae_start_s"] = stage["done_s"]
-        train_vae(vae, vae_opt, images, masks, budget_s=vae_minutes * 60, done_s=stage["done_s"], seed=run_seed,
-                  batch=VAE_BATCH, lr=VAE_LR, checkpoint_every_s=checkpoint_every_s,
+        train_vae(vae, vae_opt, images, masks, budget_s=vae_minutes * 60, done_s=stage["done_s"],
+                  done_steps=stage["steps"], seed=run_seed, batch=VAE_BATCH, lr=VAE_LR, checkpoint_every_s=checkpoint_every_s,
                   on_checkpoint=_checkpointer(work, "vae", {"vae": vae}, vae_opt, session))
         for p in vae.parameters():
             p.requires_grad_(False)
@@ -214,18 +212,15 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                      100 * stage["quality"]["min_ratio"], 100 * stage["quality"]["colour"]["mean_error_per_channel"])
         mean = encode_all(vae, images)
         scale = float(1.0 / mean.std())
-        from ..formats.safetensors_io import atomic_save
-
-        atomic_save({"latents": (mean * scale).contiguous()}, latents_file,
+        latents = (mean * scale).contiguous()
+        atomic_save({"latents": latents}, latents_file,
                     {"scaling_factor": repr(scale), "captions": json.dumps(captions)}, overwrite=True)
-        del images, masks
+        del images, masks, mean
         work.save()
     else:
         work.load_state("vae", {"vae": vae}, torch.optim.AdamW(vae.parameters()))
-    from ..formats.safetensors_io import load_safetensors
-
-    tensors, meta = load_safetensors(latents_file)
-    latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
+        tensors, meta = load_safetensors(latents_file)
+        latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
 
@@ -236,7 +231,6 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
     work.load_state("unet", nets, opt)
     stage = work.stage("unet")
-    session["unet_start_s"] = stage["done_s"]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids[:-1], ids[-1], budget_s=unet_minutes * 60,
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),

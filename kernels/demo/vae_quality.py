@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..core.images import pil_to_tensor, tensor_to_pil
 from . import world
-from .concepts import get_concept, prompt_specs, reference_images, render_prompt
+from .concepts import CONCEPTS, get_concept, prompt_specs, reference_images, render_prompt
 
 #: Colours far from every world colour (each ≥ 60 RGB units from the nearest palette entry).
 OFF_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -111,8 +111,6 @@ def concept_ceiling(evaluator, vae, concept: str, seeds: int = 1, images_per_pro
 
 def vae_report(evaluator, vae, concepts=None, seeds: int = 1) -> dict:
     """:func:`concept_ceiling` for every bundled concept and :func:`colour_round_trip`, in one record."""
-    from .concepts import CONCEPTS
-
     concepts = list(concepts or CONCEPTS)
     ceilings = {c: concept_ceiling(evaluator, vae, c, seeds) for c in concepts}
     return {"concepts": ceilings,

@@ -40,18 +40,19 @@ def edge_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray, *, budget_s: float,
-              done_s: float, seed: int, batch: int = 16, lr: float = 1e-3, object_weight: float = 4.0,
+              done_s: float, seed: int, done_steps: int = 0, batch: int = 16, lr: float = 1e-3, object_weight: float = 4.0,
               edge_weight: float = 0.5, augment: float = 0.5, checkpoint_every_s: float = 300.0,
               on_checkpoint: OnCheckpoint | None = None) -> dict:
     """Train until ``budget_s`` seconds of training have been spent in all sessions (``done_s`` before this one).
     The learning rate follows a cosine from ``lr`` to 10 % of it over the whole budget. ``on_checkpoint(done_s,
-    steps, losses)`` is called every ``checkpoint_every_s`` and at the end. Returns this session's stats."""
+    steps in all sessions, losses)`` is called every ``checkpoint_every_s`` and at the end (``done_steps``: steps of
+    earlier sessions). Returns this session's stats."""
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     full = images.shape[1]
     vae.train()
     clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint)
-    losses, step = [], 0
+    losses, step = [], done_steps
     while clock.running():
         progress = clock.progress()
         crop = 32 if progress < 0.7 else full
@@ -73,11 +74,11 @@ def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: 
         optimizer.step()
         losses.append(loss.item())
         step += 1
-        if step % 50 == 0:
+        if len(losses) % 50 == 0:
             log.info("vae step %d (crop %d) loss %.4f (%.0f of %.0f s)", step, crop, np.mean(losses[-50:]),
                      clock.spent, budget_s)
         clock.tick(step, losses)
     seconds = clock.finish(step, losses)
     vae.eval()
-    return {"steps": step, "seconds": seconds, "loss_curve_per_50": [float(np.mean(losses[i:i + 50]))
+    return {"steps": step - done_steps, "seconds": seconds, "loss_curve_per_50": [float(np.mean(losses[i:i + 50]))
                                                                      for i in range(0, len(losses), 50)]}

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .generate import generate_images, save_images
+from ...core.cache import cache_root
 from ...core.images import IMAGE_EXTENSIONS
 
 
 def default_cache_dir(base: str, class_prompt: str, resolution: int) -> Path:
     """``$FEWSHOT_CACHE`` (or ``~/.cache/fewshot_personalize``)/class_images/<hash of base, prompt, size>."""
-    root = Path(os.environ.get("FEWSHOT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fewshot_personalize"))
     key = hashlib.sha256(f"{os.path.abspath(base) if base != 'demo' else 'demo'}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
-    return root / "class_images" / key
+    return cache_root() / "class_images" / key
 
 
 def count_images(folder: Path) -> int:
