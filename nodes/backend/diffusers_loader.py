@@ -176,6 +176,12 @@ def _model_config(unet_config: dict, sched: dict, scaling_factor: float, time_em
         cfg.latent_format.scale_factor = scaling_factor
     else:
         cfg.latent_format = comfy.latent_formats.SD15(scale_factor=scaling_factor)
+    channels = unet_config["in_channels"]
+    if channels != 4:  # the preview factors and TAESD decoders are for 4 channels; EmptyLatentImage widens to this
+        cfg.latent_format.latent_channels = channels
+        cfg.latent_format.latent_rgb_factors = None
+        cfg.latent_format.latent_rgb_factors_bias = None
+        cfg.latent_format.taesd_decoder_name = None
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
 
@@ -326,8 +332,9 @@ def convert_vae(sd: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Ten
 def load_vae(folder: Path):
     cfg = _read_json(folder / "vae" / "config.json")
     boc = list(cfg["block_out_channels"])
-    if cfg.get("norm_num_groups", 32) != 32 or any(c % boc[0] for c in boc):
-        raise UserInputError(f"{folder}: VAE with norm_num_groups={cfg.get('norm_num_groups')} / channels {boc} is not supported")
+    groups = cfg.get("norm_num_groups", 32)
+    if any(c % boc[0] or c % groups for c in boc):
+        raise UserInputError(f"{folder}: VAE with norm_num_groups={groups} / channels {boc} is not supported")
     if not cfg.get("mid_block_add_attention", True):
         raise UserInputError(f"{folder}: VAE without mid-block attention is not supported")
     latent = cfg.get("latent_channels", 4)
@@ -337,6 +344,10 @@ def load_vae(folder: Path):
           "attn_resolutions": [], "dropout": 0.0}
     sd = convert_vae(_read_weights(folder / "vae"), len(boc))
     vae = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": latent, "ddconfig": dd}}, dtype=torch.float32)
+    if groups != 32:  # ComfyUI's LDM autoencoder builds every GroupNorm with 32 groups; the weights are per channel
+        for m in vae.first_stage_model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.num_groups = groups
     ratio = 2 ** (len(boc) - 1)
     vae.downscale_ratio = vae.upscale_ratio = ratio
     vae.latent_channels = latent
@@ -374,6 +385,8 @@ def load_diffusers_folder(folder: str | os.PathLike, embedding_directory=None):
     model = load_unet(folder, unet_cfg, scaling)
     clip = (load_sdxl_clip if sdxl else load_clip)(folder, embedding_directory)
     vae = load_vae(folder)
+    # 0.33's EmptyLatentImage resizes its latent to the model's ratio, so a W×H request decodes to W×H
+    model.model.latent_format.spacial_downscale_ratio = vae.downscale_ratio
     return model, clip, vae
 
 

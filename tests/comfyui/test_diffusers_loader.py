@@ -117,8 +117,9 @@ def test_demo_architecture_round_trips(tmp_path):
         model, clip, vae = load_diffusers_folder(tmp_path / "demo")
     assert vae.spacial_compression_encode() == 4
     g = torch.Generator().manual_seed(0)
-    x, ctx, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 128, generator=g), torch.tensor([250])
-    z = torch.randn(1, 4, 16, 16, generator=g)
+    n = vae_d.config.latent_channels
+    x, ctx, t = torch.randn(1, n, 16, 16, generator=g), torch.randn(1, 77, 128, generator=g), torch.tensor([250])
+    z = torch.randn(1, n, 16, 16, generator=g)
     ids = tok(["a photo of sks toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(ComfyDenoiser(model, vae).predict(x, t, Conditioning(ctx)),
@@ -126,6 +127,8 @@ def test_demo_architecture_round_trips(tmp_path):
         assert torch.allclose(ComfyTextEncoder(clip, "sd1").encode(["a photo of sks toy"]).context, text(ids)[0], atol=1e-4)
         ref = (vae_d.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         assert torch.allclose(vae.decode(z), ref, atol=1e-3)
+    import comfy.sample
+    assert comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, 16, 16)).shape[1] == n  # EmptyLatentImage
 
 
 @pytest.fixture(scope="module")
