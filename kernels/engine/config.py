@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from ..augment.settings import AugmentSettings
 from ..core.errors import UserInputError
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -17,7 +18,9 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 class TrainConfig:
     """``instance_prompts``: one prompt, or several drawn at random per sample (caption templates);
     ``class_prompt`` with class images turns on prior preservation (DreamBooth eq. 2) for methods that train the
-    denoiser. ``lr`` is the base learning rate; a method may give some of its parameter groups their own."""
+    denoiser. ``lr`` is the base learning rate; a method may give some of its parameter groups their own.
+    ``augment``: the views the instance photos are seen through (kernels/augment); with it, instance flips are
+    the augmentation's and ``random_flip`` mirrors class images only."""
 
     instance_prompts: tuple[str, ...] | str
     class_prompt: str | None = None
@@ -39,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     dtype: str = "auto"
+    augment: AugmentSettings | None = None
 
     def __post_init__(self):
         if isinstance(self.instance_prompts, str):

@@ -3,7 +3,8 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` instance samples (+ as many class samples
 with prior preservation, DreamBooth eq. 2). Each instance sample gets one of the instance prompts (drawn per
 sample when there are several: caption templates). The loop owns steps, accumulation, the learning-rate
-schedule, min-SNR weighting, checkpoints, resume, cancel and NaN handling; the method owns what is trained.
+schedule, min-SNR weighting, augmentation draws (engine/augmented.py), checkpoints, resume, cancel and NaN
+handling; the method owns what is trained.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..core.losses import min_snr_weights, offset_noise, per_sample_mse, prior_p
 from ..core.round_trip import round_trip_report
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, fingerprint
-from .data import LatentCache, TrainData, epoch_indices, step_generator
+from .augmented import AugmentedInstances
+from .data import LatentCache, TrainData, encode, epoch_indices, step_generator
 from .method import Artifact, Method, ParamGroup
 from .seams import Conditioning, Denoiser, TextEncoder
 
@@ -93,15 +95,20 @@ class Trainer:
             if method.gradient_checkpointing_text:
                 text_encoder.set_gradient_checkpointing(True)
 
-        self.instance_latents = LatentCache(denoiser, data.instance, cfg.random_flip > 0)
-        self.class_latents = LatentCache(denoiser, data.class_images, cfg.random_flip > 0) if self.use_prior else None
+        # with augmentation, instance views are drawn (and encoded) per step or from a pool: engine/augmented.py
+        self.augmented = AugmentedInstances(denoiser, data, cfg) if cfg.augment is not None else None
+        self.instance_latents = None
         self.masks = None
-        if data.masks is not None:
-            lat = self.instance_latents.mean.shape[-2:]
-            self.masks = F.interpolate(data.masks.float(), size=lat, mode="area").cpu()
+        if self.augmented is None:
+            self.instance_latents = LatentCache(denoiser, data.instance, cfg.random_flip > 0)
+            if data.masks is not None:
+                lat = self.instance_latents.mean.shape[-2:]
+                self.masks = F.interpolate(data.masks.float(), size=lat, mode="area").cpu()
+        self.class_latents = LatentCache(denoiser, data.class_images, cfg.random_flip > 0) if self.use_prior else None
         # prompt rows: the instance prompts, then the class prompt
         self.prompts = list(cfg.instance_prompts) + ([cfg.class_prompt] if self.use_prior else [])
         self.cached_cond = None
+        self.caption_cond: dict[str, Conditioning] = {}  # augmented captions, encoded once each (frozen text)
         if not method.changes_text:
             with torch.no_grad(), self._autocast():
                 self.cached_cond = text_encoder.encode(self.prompts).detached()
@@ -128,7 +135,7 @@ class Trainer:
     def vae_round_trip(self, batch: int = 8) -> dict:
         """What the model's VAE keeps of the instance images (their cached latent means decoded again), over the
         subject masks when given: the ceiling of any method on this model (core/round_trip.py)."""
-        mean = self.instance_latents.mean
+        mean = self.instance_latents.mean if self.instance_latents is not None else encode(self.denoiser, self.data.instance)[0]
         rec = torch.cat([self.denoiser.decode_latents(mean[i:i + batch]) for i in range(0, mean.shape[0], batch)])
         return round_trip_report(self.data.instance, rec, self.data.masks)
 
@@ -152,19 +159,43 @@ class Trainer:
         where = {r: k for k, r in enumerate(used)}
         return cond.select(torch.tensor([where[int(r)] for r in rows]))
 
+    def _caption_conditioning(self, captions: list[str]) -> Conditioning:
+        """Conditioning of each sample's own caption (augmented captions vary per step): encoded once per distinct
+        caption when the text encoder is frozen, else every step with gradients."""
+        if self.method.changes_text:
+            used = sorted(set(captions))
+            with self._autocast():
+                cond = self.text_encoder.encode(used)
+            where = {c: k for k, c in enumerate(used)}
+            return cond.select(torch.tensor([where[c] for c in captions]))
+        missing = sorted(set(captions) - set(self.caption_cond))
+        if missing:
+            with torch.no_grad(), self._autocast():
+                cond = self.text_encoder.encode(missing).detached()
+            for k, c in enumerate(missing):
+                self.caption_cond[c] = cond.select(torch.tensor([k]))
+        return Conditioning.cat([self.caption_cond[c] for c in captions])
+
     def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         gen = step_generator(cfg.seed, step, micro)
         bs = cfg.batch_size
         pos = (step * cfg.grad_accum + micro) * bs
         idx = epoch_indices(self.data.instance.shape[0], bs, pos, cfg.seed)
-        flipped = torch.rand(bs, generator=gen) < cfg.random_flip
-        latents = [self.instance_latents.sample(idx, flipped, gen)]
-        masks = None
-        if self.masks is not None:
-            m = self.masks[idx].clone()
-            m[flipped] = m[flipped].flip(-1)
-            masks = [m + cfg.background_loss_weight * (1 - m)]
+        n_inst = len(cfg.instance_prompts)
+        captions = None
+        if self.augmented is not None:
+            base = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else torch.zeros(bs, dtype=torch.long)
+            views, weight, captions = self.augmented.sample(idx, [cfg.instance_prompts[int(r)] for r in base], step, micro)
+            latents, masks = [views], [weight]
+        else:
+            flipped = torch.rand(bs, generator=gen) < cfg.random_flip
+            latents = [self.instance_latents.sample(idx, flipped, gen)]
+            masks = None
+            if self.masks is not None:
+                m = self.masks[idx].clone()
+                m[flipped] = m[flipped].flip(-1)
+                masks = [m + cfg.background_loss_weight * (1 - m)]
         if self.use_prior:
             cidx = epoch_indices(self.data.class_images.shape[0], bs, pos, cfg.seed + 1)
             cflip = torch.rand(bs, generator=gen) < cfg.random_flip
@@ -176,10 +207,12 @@ class Trainer:
         is_prior = torch.arange(n) >= bs
         noise = offset_noise(tuple(x0.shape), gen, cfg.noise_offset)
         t = torch.randint(0, self.denoiser.schedule.num_timesteps, (n,), generator=gen)
-        n_inst = len(cfg.instance_prompts)
-        rows = torch.full((n,), n_inst, dtype=torch.long)  # class-prompt row for prior samples
-        rows[:bs] = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else 0
-        cond = self._conditioning(rows)
+        if captions is not None:
+            cond = self._caption_conditioning(captions + [cfg.class_prompt] * (n - bs))
+        else:
+            rows = torch.full((n,), n_inst, dtype=torch.long)  # class-prompt row for prior samples
+            rows[:bs] = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else 0
+            cond = self._conditioning(rows)
 
         dev = self.device
         x0, noise, t_dev = x0.to(dev), noise.to(dev), t.to(dev)
