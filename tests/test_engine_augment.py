@@ -144,3 +144,21 @@ def test_backgrounds_of_another_count_and_empty_sets(tiny_sd):
         TrainData(d.instance, None, d.masks[:2])
     trainer = _trainer(tiny_sd, class_prompt=None, data=TrainData(d.instance, None, d.masks, torch.zeros(5, 3, 48, 40)))
     assert all(torch.isfinite(torch.tensor(trainer.train().losses)))
+
+
+def test_training_views_are_the_views_training_sees(tiny_sd):
+    """``training_views`` (no model needed: the augment command and the preview node) draws exactly the pixels the
+    loop encodes and the captions it conditions on."""
+    from fewshot_personalize.kernels.engine.augmented import training_views
+
+    trainer = _trainer(tiny_sd, steps=3, batch_size=2, grad_accum=2, class_prompt=None,
+                       data=TrainData(_data().instance, None, _data().masks))
+    encoded, captions = [], []
+    enc = trainer.denoiser.encode_images
+    trainer.denoiser.encode_images = lambda x: encoded.append(x.clone()) or enc(x)
+    orig = trainer._caption_conditioning
+    trainer._caption_conditioning = lambda c: captions.extend(c) or orig(c)
+    trainer.train()
+    preview = training_views(trainer.data, trainer.cfg, 12)
+    assert torch.equal(torch.cat(encoded), torch.stack([p for p, _, _, _ in preview]))
+    assert captions == [c for _, _, _, c in preview]

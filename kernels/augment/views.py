@@ -82,7 +82,7 @@ class Augmenter:
         replaced = torch.zeros(b, dtype=torch.bool)
         if masks is not None and s.background:
             replaced = u_bg < s.background
-            keep = torch.where(replaced[:, None, None, None], out_masks, valid)
+            keep = torch.where(replaced[:, None, None, None], out_masks, torch.ones_like(valid))
             x = keep * x + (1 - keep) * backgrounds
             valid = torch.where(replaced[:, None, None, None], torch.ones_like(valid), valid)
         out_captions = caption_views(captions, scale, rescaled, s, gen)

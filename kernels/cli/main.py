@@ -12,6 +12,8 @@ import sys
 
 from ..core.errors import TrainingDiverged, TrainingInterrupted, UserInputError
 from ..methods import METHODS
+from .augment import add_augment_flags
+from .augment import add_command as add_augment
 from .evaluate import add_command as add_evaluate
 
 log = logging.getLogger("fewshot_personalize")
@@ -85,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (e.g. 5)")
     t.add_argument("--noise-offset", type=float, default=0.0)
-    t.add_argument("--flip", type=float, default=0.0, help="probability of a horizontal flip per sample")
+    t.add_argument("--flip", type=float, default=0.0, help="probability of a horizontal flip per sample (with "
+                                                            "--augment: of class images; instances use --aug-flip)")
     t.add_argument("--background-weight", type=float, default=0.0,
                    help="loss weight outside the subject when --images has masks (NAME_mask.png, masks/NAME.png or "
                         "transparency; default 0: subject only)")
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--out", required=True, help="the adapter file (.safetensors); pivotal also writes "
                                                 "OUT-lora.safetensors and OUT-embedding.safetensors")
+    add_augment_flags(t)
 
     g = sub.add_parser("generate", help="sample images, optionally with adapter files")
     g.add_argument("--base", required=True, help="diffusers model folder, a .safetensors checkpoint, or 'demo'")
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
 
     add_evaluate(sub)
+    add_augment(sub)
     try:
         from ..demo import cli as demo_cli
     except ImportError:
@@ -132,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     a = parser.parse_args(argv)
+    from .augment import cmd_augment
     from .evaluate import cmd_evaluate
     from .generate import cmd_generate
     from .train import cmd_train
 
-    commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}
+    commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "augment": cmd_augment}
     try:
         from ..demo import cli as demo_cli
 

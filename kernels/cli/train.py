@@ -13,6 +13,7 @@ from ..engine.config import TrainConfig
 from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings,
                        PivotalTuning, TextualInversion, TextualInversionSettings)
 from ..methods.catversion import parse_layer_spec
+from .augment import augmentation_notes, load_backgrounds, settings_from_args
 from .common import base_name, resolve_base
 
 #: learning rate when --lr is not given: LoRA as diffusers' DreamBooth-LoRA recipes; TI as A1111/kohya practice;
@@ -112,7 +113,7 @@ def cmd_train(a) -> int:
                       warmup_steps=a.warmup_steps, snr_gamma=a.snr_gamma, noise_offset=a.noise_offset,
                       random_flip=a.flip, gradient_checkpointing=a.gradient_checkpointing, resolution=a.resolution or 8,
                       seed=a.seed, checkpoint_every=a.checkpoint_every, dtype=a.dtype,
-                      background_loss_weight=a.background_weight)
+                      background_loss_weight=a.background_weight, augment=settings_from_args(a))
     method.check_prompts(cfg.instance_prompts)
     if (a.class_prompt or a.class_images or a.num_class_images) and not METHODS[a.method].uses_prior:
         raise UserInputError(f"{a.method} trains no denoiser weights, so prior preservation does not apply: "
@@ -125,6 +126,8 @@ def cmd_train(a) -> int:
     if (a.class_images or a.num_class_images) and not a.class_prompt:
         raise UserInputError("class images need a class prompt (--class-prompt \"a toy\")")
     list_images(a.images)  # fail fast on a missing/empty folder, before loading the model
+    if a.backgrounds:
+        list_images(a.backgrounds)
     device = a.device or default_device()
     pipe = load_pipeline(resolve_base(a.base), device)
     cfg = dataclasses.replace(cfg, resolution=a.resolution or native_resolution(pipe))
@@ -135,6 +138,10 @@ def cmd_train(a) -> int:
         print(f"note: {note}")
     if masks is not None:
         print(f"using the masks of {a.images} (loss outside the subject weighted {cfg.background_loss_weight})")
+    backgrounds = load_backgrounds(a, cfg.resolution)
+    if cfg.augment is not None:
+        for note in augmentation_notes(cfg.augment, masks, backgrounds):
+            print(f"note: {note}")
 
     class_pixels = None
     if a.class_prompt:
@@ -151,7 +158,7 @@ def cmd_train(a) -> int:
             class_pixels = class_pixels[: a.num_class_images]
 
     ckpt = str(out.with_suffix("")) + ".checkpoint.safetensors"
-    with Trainer(denoiser, text, method, TrainData(instance, class_pixels, masks), cfg, device=device) as trainer:
+    with Trainer(denoiser, text, method, TrainData(instance, class_pixels, masks, backgrounds), cfg, device=device) as trainer:
         print(describe_round_trip(trainer.vae_round_trip()))
         bar = tqdm(total=cfg.steps, desc=f"train {a.method}", unit="step")
         if a.resume and os.path.exists(ckpt):

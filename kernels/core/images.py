@@ -155,3 +155,16 @@ def load_masked_folder(folder: str | os.PathLike, resolution: int) -> tuple[torc
         notes.append(f"{len(files) - found} of {len(files)} photos have no mask: their whole image counts")
     arr = np.stack([np.asarray(m, dtype=np.float32) / 255.0 for m in masks])
     return pil_to_tensor(pixels), torch.from_numpy(arr)[:, None], notes
+
+
+def write_pngs(images: dict[str, Image.Image], overwrite: bool = False) -> list[str]:
+    """Write each picture to its path as PNG (temporary file + rename); refuses, before writing anything, when a
+    path exists and ``overwrite`` is not set."""
+    clash = [p for p in images if os.path.exists(p)]
+    if clash and not overwrite:
+        raise UserInputError(f"{clash[0]} already exists (pass --overwrite to replace it)")
+    for p, im in images.items():
+        tmp = p + ".tmp"
+        im.save(tmp, format="PNG")
+        os.replace(tmp, p)
+    return list(images)

@@ -25,7 +25,7 @@ from ..core.losses import min_snr_weights, offset_noise, per_sample_mse, prior_p
 from ..core.round_trip import round_trip_report
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, fingerprint
-from .augmented import AugmentedInstances
+from .augmented import AugmentedInstances, instance_draw
 from .data import LatentCache, TrainData, encode, epoch_indices, step_generator
 from .method import Artifact, Method, ParamGroup
 from .seams import Conditioning, Denoiser, TextEncoder
@@ -96,7 +96,7 @@ class Trainer:
                 text_encoder.set_gradient_checkpointing(True)
 
         # with augmentation, instance views are drawn (and encoded) per step or from a pool: engine/augmented.py
-        self.augmented = AugmentedInstances(denoiser, data, cfg) if cfg.augment is not None else None
+        self.augmented = AugmentedInstances(data, cfg, denoiser) if cfg.augment is not None else None
         self.instance_latents = None
         self.masks = None
         if self.augmented is None:
@@ -185,8 +185,8 @@ class Trainer:
         n_inst = len(cfg.instance_prompts)
         captions = None
         if self.augmented is not None:
-            base = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else torch.zeros(bs, dtype=torch.long)
-            views, weight, captions = self.augmented.sample(idx, [cfg.instance_prompts[int(r)] for r in base], step, micro)
+            idx, base = instance_draw(cfg, self.data.instance.shape[0], step, micro, gen)
+            views, weight, captions = self.augmented.sample(idx, base, step, micro)
             latents, masks = [views], [weight]
         else:
             flipped = torch.rand(bs, generator=gen) < cfg.random_flip

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ...core.errors import UserInputError
+from ...core.images import write_pngs
 from .adapters import PipelineAdapters
 from .pipeline import native_resolution
 
@@ -64,12 +65,4 @@ def generate_images(pipe, prompt: str, *, negative: str | None = None, n: int = 
 def save_images(images: list[Image.Image], out_dir: str | os.PathLike, prefix: str = "", overwrite: bool = False) -> list[str]:
     """Write PNGs ``<prefix>000.png`` … into ``out_dir`` (created if missing); never overwrites unless asked."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{prefix}{i:03d}.png") for i in range(len(images))]
-    clash = [p for p in paths if os.path.exists(p)]
-    if clash and not overwrite:
-        raise UserInputError(f"{clash[0]} already exists (pass --overwrite to replace it)")
-    for im, p in zip(images, paths):
-        tmp = p + ".tmp"
-        im.save(tmp, format="PNG")
-        os.replace(tmp, p)
-    return paths
+    return write_pngs({os.path.join(out_dir, f"{prefix}{i:03d}.png"): im for i, im in enumerate(images)}, overwrite)
