@@ -4,6 +4,7 @@ this pack that imports comfy.*."""
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_adapter import ApplyAdapter
+from .augment import AugmentationNode, AugmentationPreview
 from .backend.catversion import register_folder
 from .catversion import LoadCatVersion, SaveCatVersion
 from .demo_loader import LoadDemoModel
@@ -21,6 +22,7 @@ register_eval_folder()  # models/fewshot_eval
 
 NODES: list[type[io.ComfyNode]] = [
     TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal,  # fewshot/train
+    AugmentationNode, AugmentationPreview,  # fewshot/train
     SaveAdapter, ApplyAdapter, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
     LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
     EvaluateConcept,  # fewshot/evaluate

@@ -17,6 +17,7 @@ from ..kernels.engine.data import TrainData
 from ..kernels.formats.lora_file import parse_lora_tensors
 from ..kernels.methods import DreamBoothLora, LoraSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
+from .backend.augmentation import augmentation_input
 from .backend.images import images_to_training, loss_curve_image
 from .backend.training import (checkpoint_path, report_outputs, first as _first, instance_pixels, preview_or_blank,
                                run_training, sample_preview, summary)
@@ -71,6 +72,7 @@ class TrainConcept(io.ComfyNode):
                                  tooltip="Continue from the checkpoint of this name if it exists (same settings needed)."),
                 io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
                              tooltip="Sampling steps of the preview image (0 = no preview)."),
+                augmentation_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
@@ -95,7 +97,7 @@ class TrainConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, instance_prompt, steps, learning_rate, rank, train_text_encoder,
                 resolution, batch_size, seed, mask=None, class_images=None, class_prompt=None, prior_weight=None,
-                checkpoint_every=None, checkpoint_name=None, resume=None, preview_steps=None) -> io.NodeOutput:
+                checkpoint_every=None, checkpoint_name=None, resume=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = _first(model), _first(clip), _first(vae)
         instance_prompt, class_prompt = _first(instance_prompt), (_first(class_prompt, "") or "").strip()
         resolution = _first(resolution)
@@ -116,7 +118,8 @@ class TrainConcept(io.ComfyNode):
         ckpt = checkpoint_path(name) if name else None
         data = TrainData(pixels, cls_pixels, masks)
 
-        result, artifacts, family = run_training(model, clip, vae, method, data, cfg, checkpoint=ckpt,
+        result, artifacts, family = run_training(model, clip, vae, method, data, cfg,
+                                                 augmentation=augmentation, notes=notes, checkpoint=ckpt,
                                                  resume=bool(_first(resume)))
         lora = artifacts["lora"]
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained adapter"), family, lora.metadata)

@@ -66,7 +66,7 @@ class TrainCatVersion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, class_word, templates, layers, tokens, steps, learning_rate,
                 resolution, batch_size, seed, prompt=None, preview_prompt=None, mask=None,
-                preview_steps=None) -> io.NodeOutput:
+                preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         word, resolution, preview_steps = first(class_word).strip(), first(resolution), first(preview_steps, 20)
         if not word:
@@ -77,7 +77,8 @@ class TrainCatVersion(io.ComfyNode):
                           batch_size=first(batch_size), seed=first(seed))
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
-        result, artifacts, _ = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg)
+        result, artifacts, _ = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg,
+                                            augmentation=augmentation, notes=notes)
         kv = artifacts["catversion"]
         out_clip = apply_catversion(clip, kv.tensors, kv.metadata, 1.0, "the trained CatVersion adapter")
 

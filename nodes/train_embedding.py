@@ -77,7 +77,7 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, num_vectors, templates, steps, learning_rate,
                 resolution, batch_size, seed, prompt=None, preview_prompt=None, mask=None,
-                preview_steps=None) -> io.NodeOutput:
+                preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, init_word, resolution = first(token).strip(), (first(init_word) or "").strip() or None, first(resolution)
         preview_steps = first(preview_steps, 20)
@@ -88,7 +88,8 @@ class TrainTextualInversion(io.ComfyNode):
                           batch_size=first(batch_size), seed=first(seed))
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
-        result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg)
+        result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg,
+                                                 augmentation=augmentation, notes=notes)
         embedding = artifacts["embedding"]
 
         def preview():

@@ -68,7 +68,7 @@ class TrainPivotal(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, num_vectors, templates, rank, train_text_encoder,
                 embedding_lr, steps, learning_rate, resolution, batch_size, seed, prompt=None, preview_prompt=None,
-                class_images=None, class_prompt=None, mask=None, preview_steps=None) -> io.NodeOutput:
+                class_images=None, class_prompt=None, mask=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, resolution, preview_steps = first(token).strip(), first(resolution), first(preview_steps, 20)
         class_prompt = (first(class_prompt, "") or "").strip()
@@ -85,7 +85,8 @@ class TrainPivotal(io.ComfyNode):
         cfg = TrainConfig(instance_prompts=training_prompts(first(templates), first(prompt, ""), token),
                           class_prompt=class_prompt if cls_pixels is not None else None, steps=first(steps),
                           lr=first(learning_rate), resolution=resolution, batch_size=first(batch_size), seed=first(seed))
-        result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg)
+        result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg,
+                                                 augmentation=augmentation, notes=notes)
         lora = artifacts["lora"]
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained LoRA"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)

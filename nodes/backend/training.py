@@ -3,6 +3,7 @@ ComfyUI's Cancel check), checkpoints in the output folder, and a preview sample.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from ...kernels.engine.data import TrainData
 from ...kernels.engine.loop import Trainer, TrainResult
 from ...kernels.engine.method import Artifact, Method
 from ...kernels.formats.safetensors_io import safe_join
+from .augmentation import augmentation_input, augmentation_parts
 from .session import TrainingSession
 
 CHECKPOINT_DIR = "fewshot_checkpoints"
@@ -41,9 +43,16 @@ def checkpoint_path(name: str) -> str:
 
 
 def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainConfig, *,
-                 checkpoint: str | None = None, resume: bool = False) -> tuple[TrainResult, dict[str, Artifact], str]:
-    """Train ``method`` on clones of MODEL/CLIP; returns (result, exported files, model family). The caller's
-    objects are never changed; the method is detached however the run ends."""
+                 checkpoint: str | None = None, resume: bool = False, augmentation=None,
+                 notes: list[str] | None = None) -> tuple[TrainResult, dict[str, Artifact], str]:
+    """Train ``method`` on clones of MODEL/CLIP, through the node's ``augmentation`` input when connected; returns
+    (result, exported files, model family). The caller's objects are never changed; the method is detached however
+    the run ends."""
+    settings, backgrounds = augmentation_parts(augmentation, cfg.resolution, data.masks is not None,
+                                               notes if notes is not None else [])
+    if settings is not None:
+        cfg = dataclasses.replace(cfg, augment=settings)
+        data = dataclasses.replace(data, backgrounds=backgrounds)
     pbar = comfy.utils.ProgressBar(cfg.steps)
 
     def on_step(step, total, loss):
@@ -113,6 +122,7 @@ def optional_inputs() -> list:
     return [io.Mask.Input("mask", optional=True,
                           tooltip="Optional loss mask (1 = subject): one for all images or one per image. A mask of "
                                   "another size than its image is resized to it."),
+            augmentation_input(),
             io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
                          tooltip="Sampling steps of the preview image (0 = no preview).")]
 
