@@ -162,3 +162,23 @@ def test_training_views_are_the_views_training_sees(tiny_sd):
     preview = training_views(trainer.data, trainer.cfg, 12)
     assert torch.equal(torch.cat(encoded), torch.stack([p for p, _, _, _ in preview]))
     assert captions == [c for _, _, _, c in preview]
+
+
+def test_pool_previews_match_the_pool_training_draws(tiny_sd):
+    """With a cached pool, training_views shows the pool entries and captions the loop picks."""
+    from fewshot_personalize.kernels.engine.augmented import AugmentedInstances, training_views
+    from fewshot_personalize.kernels.engine.data import step_generator
+    from fewshot_personalize.kernels.engine.augmented import instance_draw
+
+    aug = AugmentSettings(**{**TAGGED.__dict__, "views": 3})
+    trainer = _trainer(tiny_sd, steps=2, batch_size=2, augment=aug, class_prompt=None,
+                       data=TrainData(_data().instance, None, _data().masks))
+    assert "mean" in trainer.augmented.pool[0] and trainer.augmented.pool_views is None
+    preview = training_views(trainer.data, trainer.cfg, 4)
+    for step in range(2):
+        idx, base = instance_draw(trainer.cfg, 3, step, 0, step_generator(trainer.cfg.seed, step, 0))
+        _, _, captions = trainer.augmented.sample(idx, base, step, 0)
+        assert captions == [c for _, _, _, c in preview[2 * step:2 * step + 2]]
+    previewer = AugmentedInstances(trainer.data, trainer.cfg)
+    assert [float(s) for e in previewer.pool for s in e["scales"]] == \
+        [float(s) for e in trainer.augmented.pool for s in e["scales"]]

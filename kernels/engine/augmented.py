@@ -41,21 +41,27 @@ def _pick(views: list[Views], which: torch.Tensor, idx: torch.Tensor) -> Views:
 
 class AugmentedInstances:
     """Draws augmented instance samples: latents, per-pixel loss weights at latent size, captions. Without a
-    ``denoiser`` it only draws pixel views (previews)."""
+    ``denoiser`` it only draws pixel views (previews). A training pool keeps latents, not pixels (K views of 10
+    photos at 1024 px would be gigabytes)."""
 
     def __init__(self, data: TrainData, cfg, denoiser=None):
         self.denoiser, self.data, self.cfg = denoiser, data, cfg
         self.settings = cfg.augment
         self.augmenter = Augmenter(self.settings, data.backgrounds)
-        self.pool_views: list[Views] | None = None
-        self.pool: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.pool_views: list[Views] | None = None  # previews only
+        self.pool: list[dict] | None = None  # per pool entry: scales, rescaled (+ mean, std, weight when training)
         if self.settings.views:
             n = data.instance.shape[0]
-            self.pool_views = [self.augmenter(data.instance, data.masks, [""] * n,
-                                              step_generator(cfg.seed + 7_919_113, k))
-                               for k in range(self.settings.views)]
-            if denoiser is not None:
-                self.pool = [self._encoded(v) for v in self.pool_views]
+            self.pool, views = [], []
+            for k in range(self.settings.views):
+                v = self.augmenter(data.instance, data.masks, [""] * n, step_generator(cfg.seed + 7_919_113, k))
+                entry = {"scales": v.scales, "rescaled": v.rescaled}
+                if denoiser is not None:
+                    entry.update(zip(("mean", "std", "weight"), self._encoded(v)))
+                else:
+                    views.append(v)
+                self.pool.append(entry)
+            self.pool_views = views if denoiser is None else None
 
     def _encoded(self, views: Views) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, std = encode(self.denoiser, views.pixels)
@@ -67,29 +73,42 @@ class AugmentedInstances:
         weight = views.valid if m is None else views.valid * (m + self.cfg.background_loss_weight * (1 - m))
         return F.interpolate(weight, size=tuple(size), mode="area")
 
-    def views(self, idx: torch.Tensor, captions: list[str], step: int, micro: int
-              ) -> tuple[Views, torch.Tensor | None, torch.Tensor]:
-        """(the pixel views of photos ``idx`` at this micro-batch, the pool entries picked or None, the generator
-        for what follows)."""
+    def _pool_pick(self, idx: torch.Tensor, captions: list[str], gen: torch.Generator
+                   ) -> tuple[torch.Tensor, list[str]]:
+        """Which pool entry each sample uses, and the captions drawn for those views."""
+        which = torch.randint(0, len(self.pool), (idx.shape[0],), generator=gen)
+        scales = torch.stack([self.pool[int(k)]["scales"][int(i)] for k, i in zip(which, idx)])
+        rescaled = torch.stack([self.pool[int(k)]["rescaled"][int(i)] for k, i in zip(which, idx)])
+        return which, caption_views(captions, scales, rescaled, self.settings, gen)
+
+    def views(self, idx: torch.Tensor, captions: list[str], step: int, micro: int) -> Views:
+        """The pixel views of photos ``idx`` at this micro-batch, as training draws them."""
         gen = augment_generator(self.cfg.seed, step, micro)
-        if self.pool_views is None:
+        if self.pool is None:
             masks = None if self.data.masks is None else self.data.masks[idx]
-            return self.augmenter(self.data.instance[idx], masks, captions, gen), None, gen
-        which = torch.randint(0, len(self.pool_views), (idx.shape[0],), generator=gen)
+            return self.augmenter(self.data.instance[idx], masks, captions, gen)
+        if self.pool_views is None:
+            raise RuntimeError("pixel views of a training pool are not kept; build AugmentedInstances without a "
+                               "denoiser to preview them")
+        which, out_captions = self._pool_pick(idx, captions, gen)
         v = _pick(self.pool_views, which, idx)
-        v.captions = caption_views(captions, v.scales, v.rescaled, self.settings, gen)
-        return v, which, gen
+        v.captions = out_captions
+        return v
 
     def sample(self, idx: torch.Tensor, captions: list[str], step: int, micro: int
                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(latents [B,C,h,w], loss weights [B,1,h,w], captions) of the photos ``idx`` with base ``captions``."""
-        v, which, gen = self.views(idx, captions, step, micro)
-        if which is None:
+        gen = augment_generator(self.cfg.seed, step, micro)
+        if self.pool is None:
+            masks = None if self.data.masks is None else self.data.masks[idx]
+            v = self.augmenter(self.data.instance[idx], masks, captions, gen)
             mean, std, weight = self._encoded(v)
+            out_captions = v.captions
         else:
-            parts = [tuple(t[int(i)] for t in self.pool[int(k)]) for k, i in zip(which, idx)]
-            mean, std, weight = (torch.stack([p[j] for p in parts]) for j in range(3))
-        return mean + std * torch.randn(mean.shape, generator=gen), weight, v.captions
+            which, out_captions = self._pool_pick(idx, captions, gen)
+            mean, std, weight = (torch.stack([self.pool[int(k)][key][int(i)] for k, i in zip(which, idx)])
+                                 for key in ("mean", "std", "weight"))
+        return mean + std * torch.randn(mean.shape, generator=gen), weight, out_captions
 
 
 def training_views(data: TrainData, cfg, count: int) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, str]]:
@@ -101,7 +120,7 @@ def training_views(data: TrainData, cfg, count: int) -> list[tuple[torch.Tensor,
     while len(out) < count:
         for micro in range(cfg.grad_accum):
             idx, captions = instance_draw(cfg, data.instance.shape[0], step, micro, step_generator(cfg.seed, step, micro))
-            v = aug.views(idx, captions, step, micro)[0]
+            v = aug.views(idx, captions, step, micro)
             for i in range(idx.shape[0]):
                 out.append((v.pixels[i], None if v.masks is None else v.masks[i], v.valid[i], v.captions[i]))
         step += 1
