@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..kernels.augment.settings import PRESETS, AugmentSettings
+from ..kernels.augment.settings import MAX_SCALE, MIN_SCALE, PRESETS, AugmentSettings
 from ..kernels.augment.settings import preset as preset_settings
 from ..kernels.core.errors import UserInputError
 from ..kernels.engine.augmented import training_views
@@ -22,8 +22,8 @@ _STANDARD = PRESETS["standard"]
 class AugmentationNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        f = lambda name, default, top, tip, step=0.01: io.Float.Input(  # noqa: E731
-            name, default=default, min=0.0, max=top, step=step, tooltip=tip + " (used when preset is 'custom')")
+        f = lambda name, default, top, tip, step=0.01, low=0.0: io.Float.Input(  # noqa: E731
+            name, default=default, min=low, max=top, step=step, tooltip=tip + " (used when preset is 'custom')")
         return io.Schema(
             node_id="FSP_Augmentation",
             display_name="Augmentation",
@@ -38,8 +38,10 @@ class AugmentationNode(io.ComfyNode):
                                        + "; custom: the values below"),
                 f("flip", _STANDARD.flip, 1.0, "Probability of a mirror image."),
                 f("rescale", _STANDARD.rescale, 1.0, "Probability of a random rescale."),
-                f("scale_min", _STANDARD.scale_min, 2.0, "Smallest size of the photo in the frame (< 1: shrunk onto a canvas)."),
-                f("scale_max", _STANDARD.scale_max, 2.0, "Largest size (> 1: enlarged and cropped; at most 2)."),
+                f("scale_min", _STANDARD.scale_min, MAX_SCALE, "Smallest size of the photo in the frame (< 1: shrunk "
+                  "onto a canvas).", low=MIN_SCALE),
+                f("scale_max", _STANDARD.scale_max, MAX_SCALE, "Largest size (> 1: enlarged and cropped; at most 2).",
+                  low=MIN_SCALE),
                 io.Boolean.Input("scale_tags", default=True, tooltip="Caption tags of rescaled views ('far away', "
                                  "'very small', 'zoomed in', 'close up') (used when preset is 'custom')"),
                 f("rotate", _STANDARD.rotate, 45.0, "Largest rotation in degrees.", step=0.5),
