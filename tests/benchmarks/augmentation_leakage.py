@@ -2,8 +2,9 @@
 the table is augmentation_leakage.md beside this file.
 
 Each method of the demo benchmark learns a concept from 5 references that all show it on the grass, once without and
-once with augmentation (the ``standard`` preset: rescale, rotation, light changes and, in half the views, a generated
-background behind the masked subject; scale tags off, because the demo model's vocabulary has no words for them).
+once with augmentation (by default the ``standard`` preset: rescale, rotation, light changes and, in half the views,
+a generated background behind the masked subject; ``--presets`` adds others; scale tags off, because the demo
+model's vocabulary has no words for them).
 Then every held-out prompt that asks for another context is sampled (2 images each) and the demo evaluator measures:
 - leakage: the share of samples it sees on the grass although the prompt asks for another context;
 - context: the share in the context the prompt asks for;
@@ -12,6 +13,7 @@ Without augmentation the masks are not given at all; with it they serve the back
 covers the whole image in both), so the difference is the augmentation's.
 
     python tests/benchmarks/augmentation_leakage.py [--seeds 3] [--concepts checker_toy,...] [--methods all]
+        [--presets standard,strong] [--no-baseline] [--keep EARLIER.json]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def shared_context_references(concept: str, seed: int, n: int = 5):
     return [render_concept(concept, TRAIN_CONTEXT, sizes[i % 5], seed * 1009 + i) for i in range(n)]
 
 
-def run(concepts, seeds, recipes, augment) -> list[dict]:
+def run(concepts, seeds, recipes, augmentations: dict) -> list[dict]:
     from fewshot_personalize.kernels.demo.concepts import get_concept, prompt_specs
     from fewshot_personalize.kernels.demo.evaluator import Evaluator
     from fewshot_personalize.kernels.demo.experiment import demo_pipeline, personalize, sample
@@ -49,7 +51,7 @@ def run(concepts, seeds, recipes, augment) -> list[dict]:
             refs = shared_context_references(concept, seed)
             ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
             for recipe in recipes:
-                for label, aug in (("none", None), ("standard", augment)):
+                for label, aug in augmentations.items():
                     start = time.perf_counter()
                     p = personalize(pipe, concept, recipe, seed, references=refs, augment=aug)
                     leak, right, fidelity = [], [], []
@@ -71,8 +73,10 @@ def run(concepts, seeds, recipes, augment) -> list[dict]:
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
-        for aug in ("none", "standard"):
+        for aug in dict.fromkeys(r["augmentation"] for r in runs):
             rs = [r for r in runs if r["method"] == method and r["augmentation"] == aug]
+            if not rs:
+                continue
             row = {"method": method, "augmentation": aug, "n": len(rs)}
             for k in ("leakage", "context", "subject_fidelity"):
                 v = np.array([r[k] for r in rs])
@@ -85,7 +89,8 @@ def markdown(record: dict) -> str:
     lines = [f"# Augmentation against background leakage ({record['date']}, {record['model']})", "",
              f"References: 5 per concept, all on the {TRAIN_CONTEXT}; concepts {', '.join(record['concepts'])}; "
              f"{record['seeds']} seed(s); held-out prompts in other contexts, 2 samples each. "
-             f"Augmentation: {record['augment']}. Mean ± standard error over concepts × seeds.", "",
+             "Augmentation presets (scale tags off): " + "; ".join(f"{k}: {v}" for k, v in record["augment"].items())
+             + ". Mean ± standard error over concepts × seeds.", "",
              "| method | augmentation | leakage (seen on the grass) ↓ | asked context ↑ | subject fidelity ↑ |",
              "|---|---|---|---|---|"]
     for r in record["summary"]:
@@ -106,20 +111,27 @@ def main(argv=None) -> None:
     ap.add_argument("--concepts", default="checker_toy")
     ap.add_argument("--methods", default="all", help="'all' (DreamBooth-LoRA default row, TI, CatVersion, pivotal) "
                                                      "or 'dreambooth'")
+    ap.add_argument("--presets", default="standard", help="augmentation presets compared with none, e.g. standard,strong")
+    ap.add_argument("--no-baseline", action="store_true", help="leave out the rows without augmentation")
+    ap.add_argument("--keep", help="an earlier record (.json) whose runs are kept beside the new ones")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "augmentation_leakage"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     recipes = [DEFAULT_METHOD] + ([m for m in METHODS if m.method in ("textual-inversion", "catversion", "pivotal")]
                                   if a.methods == "all" else [])
-    augment = preset("standard", scale_tags=False)
+    augmentations = {} if a.no_baseline else {"none": None}
+    augmentations.update({name: preset(name, scale_tags=False) for name in a.presets.split(",")})
     concepts = a.concepts.split(",")
-    runs = run(concepts, a.seeds, recipes, augment)
+    earlier = json.loads(Path(a.keep).read_text()) if a.keep else {"runs": [], "augment": {}}
+    runs = earlier["runs"] + run(concepts, a.seeds, recipes, augmentations)
     from fewshot_personalize.kernels.demo.model import demo_model_path
 
     channels = json.loads((Path(demo_model_path()) / "vae" / "config.json").read_text())["latent_channels"]
     record = {"date": time.strftime("%Y-%m-%d"), "model": "demo model 1" if channels == 4 else "demo model 2",
-              "concepts": concepts, "seeds": a.seeds, "augment": augment.describe(), "runs": runs,
+              "concepts": concepts, "seeds": a.seeds,
+              "augment": earlier["augment"] | {k: v.describe() for k, v in augmentations.items() if v is not None},
+              "runs": runs,
               "summary": summarise(runs)}
     Path(a.out + ".json").write_text(json.dumps(record, indent=1))
     Path(a.out + ".md").write_text(markdown(record))
