@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backgrounds import pick_backgrounds
+from .backgrounds import check_backgrounds, pick_backgrounds
 from .caption_ops import caption_views
 from .colour import colour_jitter
 from .geometry import Geometry, draw_shift, mask_centres, warp
@@ -48,8 +48,7 @@ class Augmenter:
     def __init__(self, settings: AugmentSettings, backgrounds: torch.Tensor | None = None):
         self.settings = settings
         self.backgrounds = backgrounds
-        if backgrounds is not None:
-            pick_backgrounds(backgrounds, 0, tuple(backgrounds.shape[-2:]), torch.Generator())  # refuses an empty set
+        check_backgrounds(backgrounds)
 
     def __call__(self, pixels: torch.Tensor, masks: torch.Tensor | None, captions: list[str],
                  gen: torch.Generator) -> Views:
@@ -61,7 +60,8 @@ class Augmenter:
         u_shift = torch.rand(b, 2, generator=gen)
         u_colour = torch.rand(b, 4, generator=gen)
         u_bg = torch.rand(b, generator=gen)
-        backgrounds = pick_backgrounds(self.backgrounds, b, size, gen)
+        replacing = masks is not None and bool(s.background)
+        backgrounds = pick_backgrounds(self.backgrounds, b, size, gen, render=replacing)
 
         x = pixels.float()
         if s.brightness or s.contrast or s.saturation or s.hue:
@@ -80,7 +80,7 @@ class Augmenter:
             valid = warp(valid, geometry).clamp(0, 1)
             out_masks = None if masks is None else warp(out_masks, geometry).clamp(0, 1)
         replaced = torch.zeros(b, dtype=torch.bool)
-        if masks is not None and s.background:
+        if replacing:
             replaced = u_bg < s.background
             keep = torch.where(replaced[:, None, None, None], out_masks, torch.ones_like(valid))
             x = keep * x + (1 - keep) * backgrounds

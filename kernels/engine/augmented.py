@@ -81,12 +81,15 @@ class AugmentedInstances:
         rescaled = torch.stack([self.pool[int(k)]["rescaled"][int(i)] for k, i in zip(which, idx)])
         return which, caption_views(captions, scales, rescaled, self.settings, gen)
 
+    def _fresh(self, idx: torch.Tensor, captions: list[str], gen: torch.Generator) -> Views:
+        masks = None if self.data.masks is None else self.data.masks[idx]
+        return self.augmenter(self.data.instance[idx], masks, captions, gen)
+
     def views(self, idx: torch.Tensor, captions: list[str], step: int, micro: int) -> Views:
         """The pixel views of photos ``idx`` at this micro-batch, as training draws them."""
         gen = augment_generator(self.cfg.seed, step, micro)
         if self.pool is None:
-            masks = None if self.data.masks is None else self.data.masks[idx]
-            return self.augmenter(self.data.instance[idx], masks, captions, gen)
+            return self._fresh(idx, captions, gen)
         if self.pool_views is None:
             raise RuntimeError("pixel views of a training pool are not kept; build AugmentedInstances without a "
                                "denoiser to preview them")
@@ -100,8 +103,7 @@ class AugmentedInstances:
         """(latents [B,C,h,w], loss weights [B,1,h,w], captions) of the photos ``idx`` with base ``captions``."""
         gen = augment_generator(self.cfg.seed, step, micro)
         if self.pool is None:
-            masks = None if self.data.masks is None else self.data.masks[idx]
-            v = self.augmenter(self.data.instance[idx], masks, captions, gen)
+            v = self._fresh(idx, captions, gen)
             mean, std, weight = self._encoded(v)
             out_captions = v.captions
         else:

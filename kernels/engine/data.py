@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..augment.backgrounds import check_backgrounds
 from ..core.errors import UserInputError
 
 
@@ -31,9 +32,7 @@ class TrainData:
             raise UserInputError(f"masks are {tuple(self.masks.shape[-2:])} but images are {tuple(self.instance.shape[-2:])}")
         if self.masks is not None and self.masks.shape[0] != self.instance.shape[0]:
             raise UserInputError(f"{self.masks.shape[0]} masks for {self.instance.shape[0]} images: one mask per image")
-        if self.backgrounds is not None and self.backgrounds.shape[0] == 0:
-            raise UserInputError("the background set is empty: give at least one background image, or none to use "
-                                 "generated textures")
+        check_backgrounds(self.backgrounds)
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
@@ -69,14 +68,10 @@ class LatentCache:
     """VAE latent distributions of the training images (+ their mirror images when flipping), encoded once."""
 
     def __init__(self, denoiser, pixels: torch.Tensor, flip: bool, batch: int = 8):
-        self.mean, self.std = self._encode(denoiser, pixels, batch)
+        self.mean, self.std = encode(denoiser, pixels, batch)
         self.flip_mean = self.flip_std = None
         if flip:
-            self.flip_mean, self.flip_std = self._encode(denoiser, pixels.flip(-1), batch)
-
-    @staticmethod
-    def _encode(denoiser, pixels, batch):
-        return encode(denoiser, pixels, batch)
+            self.flip_mean, self.flip_std = encode(denoiser, pixels.flip(-1), batch)
 
     def sample(self, idx: torch.Tensor, flipped: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx].clone(), self.std[idx].clone()
