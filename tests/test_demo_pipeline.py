@@ -135,3 +135,35 @@ def test_pretraining_resumes_after_an_interruption_and_extends_a_finished_run(tm
                    **(TINY | {"n_images": 40}))
     with pytest.raises(ValueError, match="VAE stage .* is finished"):
         P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=5, unet_minutes=more, **TINY)
+
+
+def test_pretraining_stops_after_its_session_minutes_and_continues_from_that_folder_elsewhere(tmp_path):
+    from safetensors.torch import load_file
+
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    first = pretrain(tmp_path / "m1", work_dir=tmp_path / "w1", vae_minutes=0.01, unet_minutes=600,
+                     session_minutes=0.1, **TINY)
+    assert first["finished"] is False and first["unet"]["steps"] >= 1 and first["unet"]["done_s"] < 60
+    load_pipeline(str(tmp_path / "m1"))  # the unfinished model is a whole diffusers folder
+
+    # a new machine: no work folder, only the folder written above
+    more = first["unet"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m2", work_dir=tmp_path / "w2", vae_minutes=0.01, unet_minutes=more,
+                   from_dir=tmp_path / "m1", **TINY)
+    assert rec["finished"] is True and len(rec["sessions"]) == 2
+    assert rec["sessions"][1]["continued_from"] == str(tmp_path / "m1")
+    assert rec["vae"]["steps"] == first["vae"]["steps"]  # the VAE stage was done: not trained again
+    assert rec["unet"]["steps"] > first["unet"]["steps"]
+    assert rec["latent_scaling_factor"] == pytest.approx(first["latent_scaling_factor"], rel=1e-5)  # same latents
+    vae1 = load_file(str(tmp_path / "m1" / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae2 = load_file(str(tmp_path / "m2" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae1[k], vae2[k]) for k in vae1)
+    unet1 = load_file(str(tmp_path / "m1" / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet2 = load_file(str(tmp_path / "m2" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(unet1[k], unet2[k]) for k in unet1)
+
+    with pytest.raises(ValueError, match="other settings.*n_images"):
+        pretrain(tmp_path / "m3", work_dir=tmp_path / "w3", from_dir=tmp_path / "m1", **(TINY | {"n_images": 40}))
+    with pytest.raises(ValueError, match="no pretrain_log.json"):
+        pretrain(tmp_path / "m3", work_dir=tmp_path / "w4", from_dir=tmp_path / "w1", **TINY)

@@ -18,6 +18,13 @@ after an interruption, in another session — continues where it stopped; a larg
 finished run (the learning-rate schedule stretches to the new budget), and a larger ``--vae-minutes`` extends the
 VAE stage as long as the UNet has not started (``--unet-minutes 0`` stops after the VAE, for a look at it). A resumed session draws fresh batches
 (seed + session number), so resuming is not bit-identical to an uninterrupted run.
+
+Across machines (the work folder lives in the user cache, and a new machine starts without it):
+``--session-minutes M`` trains at most ``M`` minutes in this session and then writes ``--out`` from the state
+reached (``pretrain_log.json`` says ``"finished": false``); ``--from DIR`` starts a new work folder from such a
+folder: its log (same settings), its VAE, and its EMA UNet and text encoder as both the training and the EMA
+weights; the scenes are rendered and encoded again (the same seed gives the same latents), the optimizer's moments
+start afresh.
 """
 
 from __future__ import annotations
@@ -159,8 +166,10 @@ def _checkpointer(work: WorkFolder, name: str, modules: dict, optimizer, session
 def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = None, seed: int = 0,
              n_images: int = N_SCENES, vae_minutes: float = 60, unet_minutes: float = 300, threads: int = 2,
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
-             measure: bool = True) -> dict:
-    """Run (or continue) the stages until both budgets are spent, then write ``out_dir``; returns the log."""
+             measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None) -> dict:
+    """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
+    ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
+    continue from where no work folder exists yet."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -170,10 +179,15 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                 "vae_batch": VAE_BATCH, "unet_lr": UNET_LR, "text_lr": TEXT_LR, "unet_batch": UNET_BATCH,
                 "cooldown": cooldown, "holdout": [dict(h) for h in HOLDOUT]}
     out_dir = Path(out_dir)
+    deadline = time.perf_counter() + session_minutes * 60
     work = WorkFolder(Path(work_dir) if work_dir else default_work_dir(settings), settings)
+    seeded = from_dir is not None and not work.progress["sessions"]
+    if seeded:
+        _continue_log(work, Path(from_dir))
     progress = work.progress
     session_no = len(progress["sessions"])
     session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "torch": torch.__version__,
+               **({"continued_from": str(from_dir)} if seeded else {}),
                "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60}
     progress["sessions"].append(session)
@@ -181,12 +195,14 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     tok_dir = work.path / "tokenizer"
     unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"])
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    if seeded:
+        _load_weights(Path(from_dir), vae=vae, unet=unet, text=text)
     latents_file = work.path / "latents.safetensors"
     vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
-    if latents_file.is_file() and vae_more:
-        if work.stage("unet")["steps"] > 0:
-            raise ValueError(f"the VAE stage of {work.path} is finished ({work.stage('vae')['done_s'] / 60:.0f} min) "
-                             "and the UNet trains on its latents; a longer --vae-minutes needs a new --work folder")
+    if vae_more and work.stage("unet")["steps"] > 0:
+        raise ValueError(f"the VAE stage of {work.path} is finished ({work.stage('vae')['done_s'] / 60:.0f} min) "
+                         "and the UNet trains on its latents; a longer --vae-minutes needs a new --work folder")
+    if vae_more and latents_file.is_file():
         latents_file.unlink()  # the UNet has not started: the VAE may still train on
 
     if not latents_file.is_file():  # stages 1-3
@@ -199,11 +215,12 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         stage = work.stage("vae")
         train_vae(vae, vae_opt, images, masks, budget_s=vae_minutes * 60, done_s=stage["done_s"],
                   done_steps=stage["steps"], seed=run_seed, batch=VAE_BATCH, lr=VAE_LR, checkpoint_every_s=checkpoint_every_s,
-                  on_checkpoint=_checkpointer(work, "vae", {"vae": vae}, vae_opt, session))
+                  on_checkpoint=_checkpointer(work, "vae", {"vae": vae}, vae_opt, session),
+                  session_s=deadline - time.perf_counter())
         for p in vae.parameters():
             p.requires_grad_(False)
         stage["held_out_reconstruction"] = reconstruction_check(vae, seed, 256 if measure else 16)
-        if measure:
+        if measure and "quality" not in stage:
             from .evaluator import Evaluator
             from .vae_quality import vae_report
 
@@ -235,10 +252,13 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids[:-1], ids[-1], budget_s=unet_minutes * 60,
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),
                batch=UNET_BATCH, cooldown=cooldown, checkpoint_every_s=checkpoint_every_s,
-               on_checkpoint=_checkpointer(work, "unet", nets, opt, session))
+               on_checkpoint=_checkpointer(work, "unet", nets, opt, session),
+               session_s=max(0.0, deadline - time.perf_counter()))
 
     record = {"settings": settings, "work": str(work.path), "sessions": progress["sessions"],
               "vae": work.stage("vae"), "latent_scaling_factor": scale, "unet": work.stage("unet"),
+              "finished": work.stage("vae")["done_s"] >= vae_minutes * 60 and work.stage("unet")["done_s"] >= unet_minutes * 60,
+              "budget_minutes": {"vae": vae_minutes, "unet": unet_minutes},
               "cpu_minutes": sum(s.get("vae_s", 0) + s.get("unet_s", 0) + s.get("render_s", 0)
                                  for s in progress["sessions"]) / 60}
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
@@ -257,6 +277,29 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     return record
 
 
+def _continue_log(work: WorkFolder, from_dir: Path) -> None:
+    """Start ``work`` from the log of the model folder ``from_dir`` (same settings, or a clear error)."""
+    log_file = from_dir / "pretrain_log.json"
+    if not log_file.is_file():
+        raise ValueError(f"--from {from_dir}: no pretrain_log.json there (not a folder this command wrote)")
+    record = json.loads(log_file.read_text())
+    if record.get("settings") != work.settings:
+        changed = sorted(k for k in work.settings if record.get("settings", {}).get(k) != work.settings[k])
+        raise ValueError(f"--from {from_dir}: written with other settings ({', '.join(changed)})")
+    work.progress.update(sessions=record["sessions"], vae=record["vae"], unet=record["unet"])
+    work.save()
+
+
+def _load_weights(from_dir: Path, **modules: torch.nn.Module) -> None:
+    """Copy the weights of a diffusers model folder (``vae``, ``unet``, ``text`` = text_encoder) into modules of
+    the same architecture (safetensors only, strict)."""
+    files = {"vae": "vae/diffusion_pytorch_model.safetensors", "unet": "unet/diffusion_pytorch_model.safetensors",
+             "text": "text_encoder/model.safetensors"}
+    for name, module in modules.items():
+        tensors, _ = load_safetensors(from_dir / files[name])
+        module.load_state_dict(tensors, strict=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(MODEL_DIR), help="the model folder to write (replaced when the run ends)")
@@ -267,10 +310,15 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-minutes", type=float, default=300)
     ap.add_argument("--latent-channels", type=int, help="VAE latent channels (default: model.VAE_CONFIG)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--session-minutes", type=float, default=float("inf"),
+                    help="stop this session after M minutes and write --out from the state reached (resumable)")
+    ap.add_argument("--from", dest="from_dir", help="a model folder an earlier (unfinished) run wrote: continue "
+                    "from it where the work folder is new (e.g. on another machine)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
-                   unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels)
+                   unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
+                   session_minutes=a.session_minutes, from_dir=a.from_dir)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 

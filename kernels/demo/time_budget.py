@@ -10,12 +10,14 @@ OnCheckpoint = Callable[[float, int, list[float]], None]
 
 
 class TimeBudget:
-    """``budget_s`` seconds in all, ``done_s`` of them spent in earlier sessions; :meth:`tick` after each step
-    calls ``on_checkpoint`` every ``every_s`` seconds, :meth:`finish` once at the end."""
+    """``budget_s`` seconds in all, ``done_s`` of them spent in earlier sessions, at most ``session_s`` of them in
+    this one; :meth:`tick` after each step calls ``on_checkpoint`` every ``every_s`` seconds, :meth:`finish` once
+    at the end."""
 
     def __init__(self, budget_s: float, done_s: float = 0.0, every_s: float = 300.0,
-                 on_checkpoint: OnCheckpoint | None = None):
+                 on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf")):
         self.budget_s, self.done_s, self.every_s, self.on_checkpoint = budget_s, done_s, every_s, on_checkpoint
+        self.session_s = session_s
         self.start, self.last = time.perf_counter(), 0.0
 
     @property
@@ -29,7 +31,7 @@ class TimeBudget:
         return self.done_s + self.elapsed
 
     def running(self) -> bool:
-        return self.spent < self.budget_s
+        return self.spent < self.budget_s and self.elapsed < self.session_s
 
     def progress(self) -> float:
         """Fraction of the budget spent (0 … 1)."""

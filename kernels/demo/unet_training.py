@@ -37,9 +37,9 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
                latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, *, budget_s: float, done_s: float,
                done_steps: int, seed: int, base_lrs: tuple[float, float], batch: int = 32, ema_decay: float = 0.999,
                p_uncond: float = 0.1, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
-               on_checkpoint: OnCheckpoint | None = None) -> dict:
+               on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf")) -> dict:
     """``nets``: ``unet``, ``text`` and their EMA copies ``ema_unet``, ``ema_text``. Trains until ``budget_s``
-    seconds have been spent in all sessions; ``done_steps`` continues the warm-up and EMA counters.
+    seconds have been spent in all sessions or ``session_s`` in this one; ``done_steps`` continues the warm-up and EMA counters.
     ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end."""
     unet, text, ema_unet, ema_text = nets["unet"], nets["text"], nets["ema_unet"], nets["ema_text"]
     g = torch.Generator().manual_seed(seed)
@@ -48,7 +48,7 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
              for pe, p in zip(m_ema.parameters(), m.parameters())]
     unet.train()
     text.train()
-    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint)
+    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint, session_s)
     losses, step = [], done_steps
     while clock.running():
         idx = torch.randint(0, len(latents), (batch,), generator=g)

@@ -42,8 +42,9 @@ def edge_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray, *, budget_s: float,
               done_s: float, seed: int, done_steps: int = 0, batch: int = 16, lr: float = 1e-3, object_weight: float = 4.0,
               edge_weight: float = 0.5, augment: float = 0.5, checkpoint_every_s: float = 300.0,
-              on_checkpoint: OnCheckpoint | None = None) -> dict:
-    """Train until ``budget_s`` seconds of training have been spent in all sessions (``done_s`` before this one).
+              on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf")) -> dict:
+    """Train until ``budget_s`` seconds of training have been spent in all sessions (``done_s`` before this one) or
+    ``session_s`` in this one.
     The learning rate follows a cosine from ``lr`` to 10 % of it over the whole budget. ``on_checkpoint(done_s,
     steps in all sessions, losses)`` is called every ``checkpoint_every_s`` and at the end (``done_steps``: steps of
     earlier sessions). Returns this session's stats."""
@@ -51,7 +52,7 @@ def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: 
     rng = np.random.default_rng(seed)
     full = images.shape[1]
     vae.train()
-    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint)
+    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint, session_s)
     losses, step = [], done_steps
     while clock.running():
         progress = clock.progress()
