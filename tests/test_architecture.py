@@ -1,5 +1,5 @@
 """The layering DESIGN.md asks for, checked on the source: kernels/ never imports ComfyUI (or our nodes), and
-inside kernels/ imports point down only (cli > demo > backends, evaluation > methods > engine > formats > adapters, augment >
+inside kernels/ imports point down only (cli > demo > backends, evaluation > methods > engine > formats > adapters, augment, multi_concept >
 core); evaluation needs core only."""
 
 import ast
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution"}
 #: package under kernels/ → layer (higher may import lower or equal, never higher)
-LAYERS = {"core": 0, "testing": 0, "adapters": 1, "augment": 1, "formats": 2, "engine": 3, "methods": 4, "backends": 5,
+LAYERS = {"core": 0, "testing": 0, "adapters": 1, "augment": 1, "multi_concept": 1, "formats": 2, "engine": 3, "methods": 4, "backends": 5,
           "evaluation": 5, "demo": 6, "cli": 7}
 
 
