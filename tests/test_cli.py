@@ -151,6 +151,7 @@ def test_generate_bad_lora(tiny_sd, tmp_path, capsys):
     ("catversion", ["--catversion-layers", "-1", "--prompt", "a photo of a toy"], ["ti.safetensors"]),
     ("pivotal", ["--rank", "2", "--prompt", "a <sks> toy"],
      ["ti-embedding.safetensors", "ti-lora.safetensors", "ti.safetensors"]),
+    ("ed-lora", ["--rank", "2", "--init-word", "toy"], ["ti.safetensors"]),
 ])
 def test_train_each_method_then_generate_with_adapter(method, extra, files, tiny_sd, image_folder, tmp_path, capsys):
     from safetensors import safe_open
@@ -177,6 +178,8 @@ METHOD_BAD = {
     "layers not numbers": (["--method", "catversion", "--catversion-layers", "last"], "give layer numbers"),
     "prior with textual inversion": (["--method", "textual-inversion", "--class-prompt", "a toy"], "prior preservation"),
     "dreambooth without prompt": (["--method", "dreambooth-lora"], "needs --prompt"),
+    "ed-lora prompt without the token": (["--method", "ed-lora", "--prompt", "a toy"], "does not contain the placeholder"),
+    "ed-lora token is a vocabulary word": (["--method", "ed-lora", "--token", "toy"], "already a word"),
 }
 
 
@@ -235,6 +238,10 @@ def test_other_bases_keep_the_generic_defaults():
     assert (a.steps, a.rank, a.batch_size, a.train_text_encoder) == tuple(GENERIC_DEFAULTS[k] for k in
                                                                           ("steps", "rank", "batch_size", "train_text_encoder"))
     assert a.lr == DEFAULT_LR["dreambooth-lora"] and a.text_lr is None
+
+    a = _train_args("--base", "some/model", "--method", "ed-lora")  # Mix-of-Show's rates per part
+    fill_defaults(a)
+    assert (a.lr, a.text_lr, a.embedding_lr, a.train_text_encoder) == (1e-4, 1e-5, 1e-3, True)
 
 
 def test_train_reports_the_vae_round_trip(tiny_sd, image_folder, tmp_path, capsys):

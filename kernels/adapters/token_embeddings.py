@@ -53,15 +53,34 @@ def splice_placeholders(prompt: str, tokenize: Callable[[str], list[int]], count
     return ids + [pad] * (max_length - len(ids)), slots
 
 
-def substitute(embeddings: torch.Tensor, slots: list[Slot], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+def substitute(embeddings: torch.Tensor, slots: list[Slot], vectors: dict[str, torch.Tensor],
+               rows_per_layer: int | None = None) -> torch.Tensor:
     """``embeddings`` [B, L, D] with each slot's row replaced by ``vectors[placeholder][index]`` (out of place,
-    so gradients reach the vectors)."""
+    so gradients reach the vectors).
+
+    Layer-wise placeholders (P+, Voynov et al. 2023 §4; Mix-of-Show's ED-LoRA, Gu et al. 2023 §3.2) have vectors
+    [layers, n, D]: the batch then holds the prompts once per cross-attention layer (``rows_per_layer`` rows
+    each), and row r takes the vectors of layer ``r // rows_per_layer``. Shared [n, D] vectors serve every layer."""
     if not slots:
         return embeddings
+
+    def vector(s: Slot) -> torch.Tensor:
+        v = vectors[s.placeholder]
+        return v[s.index] if v.dim() == 2 else v[s.row // rows_per_layer, s.index]
+
     rows = torch.tensor([s.row for s in slots], device=embeddings.device)
     pos = torch.tensor([s.pos for s in slots], device=embeddings.device)
-    values = torch.stack([vectors[s.placeholder][s.index] for s in slots]).to(embeddings.device, embeddings.dtype)
+    values = torch.stack([vector(s) for s in slots]).to(embeddings.device, embeddings.dtype)
     return embeddings.index_put((rows, pos), values)
+
+
+def layer_count(vectors: dict[str, list[torch.Tensor]]) -> int:
+    """How many cross-attention layers the installed placeholders address: 1 when all are shared [n, D], else the
+    common ``layers`` of the layer-wise ones [layers, n, D] (a clear error when they disagree)."""
+    counts = {v.shape[0] for per_encoder in vectors.values() for v in per_encoder if v.dim() == 3}
+    if len(counts) > 1:
+        raise ValueError(f"layer-wise placeholders for different numbers of layers: {sorted(counts)}")
+    return counts.pop() if counts else 1
 
 
 def add_placeholders(installed: dict[str, list], new: dict[str, list]) -> None:

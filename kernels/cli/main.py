@@ -49,19 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Few-shot personalization of text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a concept (DreamBooth-LoRA, Textual Inversion, CatVersion, pivotal)")
+    t = sub.add_parser("train", help="train a concept (DreamBooth-LoRA, Textual Inversion, CatVersion, pivotal, "
+                                     "ED-LoRA)")
     t.add_argument("--method", default="dreambooth-lora", choices=list(METHODS),
-                   help="dreambooth-lora (default), textual-inversion, catversion, or pivotal (TI + DreamBooth-LoRA)")
+                   help="dreambooth-lora (default), textual-inversion, catversion, pivotal (TI + DreamBooth-LoRA), or "
+                        "ed-lora (Mix-of-Show: layer-wise tokens + LoRA on UNet and text encoder)")
     t.add_argument("--base", required=True, help="diffusers model folder, a .safetensors checkpoint, or 'demo' "
                                                  "(which also takes the benchmark's recipe for every flag left out)")
     t.add_argument("--images", required=True, help="folder with the 3–10 instance images")
-    t.add_argument("--prompt", help='instance prompt: DreamBooth "a sks toy" (required); textual-inversion / pivotal '
-                                    'must contain --token; default for those and catversion: --templates')
+    t.add_argument("--prompt", help='instance prompt: DreamBooth "a sks toy" (required); textual-inversion / pivotal / '
+                                    'ed-lora must contain --token; default for those and catversion: --templates')
     t.add_argument("--templates", default="object", choices=["object", "style"],
                    help="caption templates when --prompt is not given ({} = the token, or for catversion --init-word)")
-    t.add_argument("--token", default="<sks>", help="placeholder token of textual-inversion / pivotal (default <sks>)")
+    t.add_argument("--token", default="<sks>", help="placeholder token of textual-inversion / pivotal / ed-lora "
+                                                    "(default <sks>)")
     t.add_argument("--init-word", default="toy",
-                   help="the word the concept starts from: the token's initial embedding; catversion's class word")
+                   help="the word the concept starts from: the token's initial embedding; catversion's class word; "
+                        "ed-lora's second word (the class word)")
     t.add_argument("--num-vectors", type=int, default=1, help="vectors per placeholder token (textual inversion)")
     t.add_argument("--catversion-layers", help="CLIP layers for K/V tokens, e.g. 9,10,11 or -3,-2,-1, or per encoder "
                                                "clip_l:9,10,11;clip_g:-4,-3,-2 (default: the last 3 that feed the "
@@ -75,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
     t.add_argument("--rank", type=int, help="LoRA rank (default 4)")
     t.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank, i.e. scale 1)")
-    t.add_argument("--lr", type=float, help="learning rate (default: 1e-4 LoRA, 5e-3 textual inversion, "
-                                             "1e-2 catversion)")
-    t.add_argument("--embedding-lr", type=float, help="pivotal: learning rate of the token embeddings (default 5e-3)")
+    t.add_argument("--lr", type=float, help="learning rate (default: 1e-4 LoRA and ed-lora's UNet LoRA, "
+                                             "5e-3 textual inversion, 1e-2 catversion)")
+    t.add_argument("--embedding-lr", type=float, help="pivotal, ed-lora: learning rate of the token embeddings "
+                                                       "(default 5e-3 pivotal, 1e-3 ed-lora)")
     t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                    help="also put LoRA on the text encoder(s) (default: no; with --base demo the benchmark recipe)")
-    t.add_argument("--text-lr", type=float, help="learning rate of the text-encoder LoRA (default: --lr)")
+    t.add_argument("--text-lr", type=float, help="learning rate of the text-encoder LoRA (default: --lr; "
+                                                  "ed-lora 1e-5)")
     t.add_argument("--batch-size", type=int, help="images per step (default 1)")
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "cosine"])

@@ -10,15 +10,17 @@ from ..core.errors import UserInputError
 from ..core.round_trip import describe as describe_round_trip
 from ..engine.captions import captions
 from ..engine.config import TrainConfig
-from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings,
-                       PivotalTuning, TextualInversion, TextualInversionSettings)
+from ..methods import (METHODS, CatVersion, CatVersionSettings, DreamBoothLora, EdLora, EdLoraSettings, LoraSettings,
+                       PivotalSettings, PivotalTuning, TextualInversion, TextualInversionSettings)
 from ..methods.catversion import parse_layer_spec
 from .augment import augmentation_notes, load_backgrounds, settings_from_args
 from .common import base_name, resolve_base
 
 #: learning rate when --lr is not given: LoRA as diffusers' DreamBooth-LoRA recipes; TI as A1111/kohya practice;
-#: CatVersion as the paper's effective rate (5e-3 × batch 2)
-DEFAULT_LR = {"dreambooth-lora": 1e-4, "pivotal": 1e-4, "textual-inversion": 5e-3, "catversion": 1e-2}
+#: CatVersion as the paper's effective rate (5e-3 × batch 2); ED-LoRA's UNet LoRA as Mix-of-Show
+DEFAULT_LR = {"dreambooth-lora": 1e-4, "pivotal": 1e-4, "textual-inversion": 5e-3, "catversion": 1e-2, "ed-lora": 1e-4}
+#: ED-LoRA's other rates when not given (Mix-of-Show: embeddings 1e-3, text-encoder LoRA 1e-5)
+EDLORA_EMBEDDING_LR, EDLORA_TEXT_LR = 1e-3, 1e-5
 DEFAULT_EMBEDDING_LR = 5e-3
 #: the other flags the user may leave out (None in the parser), for any base model but the demo model
 GENERIC_DEFAULTS = {"steps": 400, "rank": 4, "batch_size": 1, "train_text_encoder": False}
@@ -29,6 +31,8 @@ def fill_defaults(a) -> str | None:
     settings README's demo numbers were measured with; real SD models want far gentler ones), and the note
     returned says so; otherwise from :data:`GENERIC_DEFAULTS` / :data:`DEFAULT_LR`."""
     defaults = dict(GENERIC_DEFAULTS, lr=DEFAULT_LR[a.method], embedding_lr=DEFAULT_EMBEDDING_LR)
+    if a.method == EdLora.name:
+        defaults.update(embedding_lr=EDLORA_EMBEDDING_LR, text_lr=EDLORA_TEXT_LR, train_text_encoder=True)
     note = None
     if a.base == "demo":
         from ..demo.experiment import recipe_for
@@ -43,7 +47,7 @@ def fill_defaults(a) -> str | None:
         relevant = {"steps", "batch_size", "lr", "num_class_images"}
         if METHODS[a.method].uses_prior:  # the LoRA methods
             relevant |= {"rank", "train_text_encoder", "text_lr"}
-        if a.method == PivotalTuning.name:
+        if a.method in (PivotalTuning.name, EdLora.name):
             relevant.add("embedding_lr")
         taken = {k: v for k, v in defaults.items() if k in relevant and getattr(a, k, None) is None}
         note = ("--base demo: the benchmark's " + a.method + " recipe for the flags left out ("
@@ -69,6 +73,9 @@ def build_method(a):
         return TextualInversion(ti())
     if a.method == CatVersion.name:
         return CatVersion(CatVersionSettings(layers=parse_layer_spec(a.catversion_layers), num_tokens=a.catversion_tokens))
+    if a.method == EdLora.name:
+        settings = dataclasses.replace(lora(), train_text_encoder=True)
+        return EdLora(EdLoraSettings(token=a.token, init_word=a.init_word, lora=settings, embedding_lr=a.embedding_lr))
     return PivotalTuning(PivotalSettings(lora=lora(), embedding=ti(a.embedding_lr)))
 
 

@@ -24,7 +24,8 @@ from ..engine.config import TrainConfig
 from ..engine.data import TrainData
 from ..engine.loop import Trainer, TrainResult
 from ..engine.method import Artifact
-from ..methods import (CatVersion, CatVersionSettings, DreamBoothLora, LoraSettings, PivotalSettings, PivotalTuning,
+from ..methods import (CatVersion, CatVersionSettings, DreamBoothLora, EdLora, EdLoraSettings, LoraSettings,
+                       PivotalSettings, PivotalTuning,
                        TextualInversion, TextualInversionSettings)
 from .concepts import get_concept, prompt_specs, reference_images, render_prompt
 from .model import RESOLUTION, demo_model_path
@@ -54,10 +55,12 @@ class Recipe:
     catversion_layers: tuple[int, ...] | None = None
 
     def phrase(self, concept) -> str:
-        """The subject phrase of prompts: ``sks toy`` (DreamBooth), ``<sks> toy`` (token methods), or the bare
-        class word (CatVersion acts on every prompt)."""
+        """The subject phrase of prompts: ``sks toy`` (DreamBooth), ``<sks> toy`` (token methods), ``<sks>``
+        (ED-LoRA: its second word is the class word), or the bare class word (CatVersion acts on every prompt)."""
         if self.method == CatVersion.name:
             return concept.cls
+        if self.method == EdLora.name:
+            return TOKEN
         if self.method in (TextualInversion.name, PivotalTuning.name):
             return f"{TOKEN} {concept.cls}"
         return concept.phrase()
@@ -73,6 +76,8 @@ class Recipe:
         if self.method == PivotalTuning.name:
             token.lr = self.embedding_lr
             return PivotalTuning(PivotalSettings(lora=lora, embedding=token))
+        if self.method == EdLora.name:
+            return EdLora(EdLoraSettings(token=TOKEN, init_word=concept.cls, lora=lora, embedding_lr=self.embedding_lr))
         return DreamBoothLora(lora)
 
 
@@ -85,6 +90,7 @@ METHODS = (
     Recipe("Textual Inversion", method=TextualInversion.name, lr=5e-3),
     Recipe("CatVersion", method=CatVersion.name, lr=1e-2),
     Recipe("pivotal tuning (TI + DreamBooth-LoRA, prior, UNet)", method=PivotalTuning.name, prior=True),
+    Recipe("ED-LoRA (layer-wise tokens + LoRA, prior, UNet + text encoder)", method=EdLora.name, prior=True, text=True),
 )
 DEFAULT_METHOD = METHODS[4]
 

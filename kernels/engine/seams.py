@@ -122,6 +122,15 @@ class Denoiser(Protocol):
     def adapter_roots(self, targets: tuple[str, ...]) -> list[AdapterRoot]: ...
     def set_gradient_checkpointing(self, on: bool) -> None: ...
 
+    def cross_attention_layers(self) -> int:
+        """How many cross-attention layers the denoiser has (16 on SD1.x, 70 on SDXL: read from the model)."""
+        ...
+
+    def install_layerwise_context(self, tokens: int) -> Handle:
+        """Route stacked layer-wise contexts [B, layers·tokens, D] (:mod:`..adapters.layerwise_context`): each
+        cross-attention layer, in forward order, sees its own ``tokens``; other contexts pass unchanged."""
+        ...
+
 
 class TextEncoder(Protocol):
     family: str
@@ -141,7 +150,9 @@ class TextEncoder(Protocol):
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
         """Make ``encode`` replace each placeholder string in a prompt by its learned input embeddings:
-        ``vectors[placeholder][which]`` is [n, width of encoder which]."""
+        ``vectors[placeholder][which]`` is [n, width of encoder which], or [layers, n, width] for layer-wise
+        tokens (ED-LoRA): then ``encode`` returns one context per cross-attention layer, stacked along the token
+        axis (:mod:`..adapters.layerwise_context`)."""
         ...
 
     def install_kv_tokens(self, tokens: KVTokens, strength: float = 1.0) -> Handle:

@@ -42,6 +42,13 @@ def check_placeholder(text_encoder: TextEncoder, token: str) -> None:
                                  f"(token id {ids[0]}); choose a string it does not know, e.g. '<{token.strip('<>')}>'")
 
 
+def require_placeholder(prompts: tuple[str, ...], token: str) -> None:
+    """Refuse instance prompts without the placeholder (nothing would train it)."""
+    missing = [p for p in prompts if token not in p]
+    if missing:
+        raise UserInputError(f"instance prompt {missing[0]!r} does not contain the placeholder {token!r}")
+
+
 def initial_vectors(text_encoder: TextEncoder, which: int, init_word: str | None, n: int) -> torch.Tensor:
     """[n, width]: the init word's token embeddings (in order when it has n tokens, else their mean repeated),
     or small random vectors (σ = 0.017, CLIP's typical embedding scale) without one."""
@@ -69,10 +76,7 @@ class TextualInversion(Method):
         return True
 
     def check_prompts(self, prompts: tuple[str, ...]) -> None:
-        missing = [p for p in prompts if self.settings.token not in p]
-        if missing:
-            raise UserInputError(f"instance prompt {missing[0]!r} does not contain the placeholder "
-                                 f"{self.settings.token!r}")
+        require_placeholder(prompts, self.settings.token)
 
     def preflight(self, denoiser, text_encoder) -> None:
         check_placeholder(text_encoder, self.settings.token)

@@ -125,6 +125,9 @@ class ComfyTextEncoder:
         return Conditioning(torch.cat(ctx), pooled_t)
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
+        if any(v.dim() != 2 for per_encoder in vectors.values() for v in per_encoder):
+            raise UserInputError("layer-wise tokens (ED-LoRA) are not available inside ComfyUI yet; train and "
+                                 "sample them with the command line")
         add_placeholders(self._placeholders, vectors)
         return Handle(lambda: [self._placeholders.pop(p, None) for p in vectors])
 

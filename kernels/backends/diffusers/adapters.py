@@ -5,6 +5,8 @@
 * Textual Inversion files become placeholder tokens of the pipeline's text encoder(s).
 * CatVersion files add K/V tokens to the text encoders' self-attention for the prompt only: the negative
   (unconditional) branch is encoded without them (CatVersion §3.2).
+* ED-LoRA files merge their LoRA and install their layer-wise tokens: prompts are then encoded once per
+  cross-attention layer and a router on the UNet hands each layer its own context (Mix-of-Show §3.2).
 With placeholders or K/V tokens on a pipeline, prompts are encoded by :class:`PipelineAdapters` and handed to the
 pipeline as embeddings (:func:`.generate.generate_images` does this).
 """
@@ -20,11 +22,13 @@ from ...adapters.lora import merge_lora
 from ...core.errors import UserInputError
 from ...engine.seams import Conditioning, Handle
 from ...formats.catversion_file import parse_catversion
+from ...formats.edlora_file import is_edlora, parse_edlora
 from ...formats.embedding_file import parse_embedding, split_bundled
 from ...formats.lora_file import from_kohya, parse_lora_tensors, text_prefix
 from ...formats.metadata import check_family
 from ...formats.safetensors_io import load_safetensors
 from ...methods.textual_inversion import check_placeholder
+from .denoiser import DiffusersDenoiser
 from .pipeline import detect_family, text_transformer
 from .text_encoder import DiffusersTextEncoder
 
@@ -70,15 +74,18 @@ def apply_lora_file(pipe, path: str | os.PathLike, strength: float = 1.0,
 
 
 def adapter_kind(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """``lora`` (kohya keys, maybe with bundled embeddings), ``embedding`` or ``catversion``, from the file."""
+    """``lora`` (kohya keys, maybe with bundled embeddings), ``embedding``, ``catversion`` or ``ed-lora``, from the
+    file."""
     method = meta.get("fsp.method")
     if method == "catversion":
         return "catversion"
+    if is_edlora(tensors, meta):
+        return "ed-lora"
     if any(k.endswith(".lora_down.weight") for k in tensors):
         return "lora"
     if method == "textual-inversion" or len(tensors) <= 2:
         return "embedding"
-    raise UserInputError("not a LoRA, Textual Inversion or CatVersion file of a known layout")
+    raise UserInputError("not a LoRA, Textual Inversion, CatVersion or ED-LoRA file of a known layout")
 
 
 class PipelineAdapters:
@@ -93,6 +100,7 @@ class PipelineAdapters:
         self.handles: list[Handle] = []
         self.tokens: list[str] = []
         self._saved: dict[torch.nn.Module, torch.Tensor] = {}
+        self._routed = False
 
     @property
     def active(self) -> bool:
@@ -110,6 +118,15 @@ class PipelineAdapters:
             raise UserInputError(f"{source}: token {token!r} is already in use by another embedding")
         self.handles.append(self.text.install_placeholders({token: [vectors[e.name] for e in self.text.encoders]}))
         self.tokens.append(token)
+
+    def add_layerwise_embedding(self, token: str, vectors: dict[str, torch.Tensor], source: str) -> None:
+        """Layer-wise tokens (ED-LoRA): the placeholder, plus (once) the router of stacked contexts on the UNet."""
+        if not self._routed:
+            with torch.no_grad():
+                tokens = self.text.encode([""]).context.shape[1]
+            self.handles.append(DiffusersDenoiser(self.pipe).install_layerwise_context(tokens))
+            self._routed = True
+        self.add_embedding(token, vectors, source)
 
     def add_catversion(self, kv: dict, strength: float) -> None:
         index = {e.name: i for i, e in enumerate(self.text.encoders)}
@@ -131,6 +148,11 @@ class PipelineAdapters:
             for name, parts in bundles.items():
                 vectors = parse_embedding(_unbundle(parts, self.family), meta, self.encoder_widths(), self.family, source)
                 self.add_embedding(meta.get("fsp.token", f"<{name}>"), vectors, source)
+        elif kind == "ed-lora":
+            layers = DiffusersDenoiser(self.pipe).cross_attention_layers()
+            lora, vectors, token = parse_edlora(tensors, meta, self.encoder_widths(), layers, self.family, source)
+            self._merge(lora, source, strength)
+            self.add_layerwise_embedding(token, vectors, source)
         elif kind == "embedding":
             vectors = parse_embedding(tensors, meta, self.encoder_widths(), self.family, source)
             self.add_embedding(meta.get("fsp.token") or default_token, vectors, source)
@@ -178,7 +200,7 @@ class PipelineAdapters:
         with torch.no_grad():
             for m, w in self._saved.items():
                 m.weight.copy_(w)
-        self.handles, self.tokens, self.kv, self._saved = [], [], [], {}
+        self.handles, self.tokens, self.kv, self._saved, self._routed = [], [], [], {}, False
 
 
 def _unbundle(parts: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ...adapters.layerwise_context import routing_pre_hook
 from ...adapters.lora import UNET_TARGETS, linear_paths
 from ...core.noise_schedule import NoiseSchedule
-from ...engine.seams import AdapterRoot, Conditioning
+from ...engine.seams import AdapterRoot, Conditioning, Handle
 from .pipeline import detect_family, vae_scale
 
 
@@ -60,3 +61,21 @@ class DiffusersDenoiser:
             self.unet.enable_gradient_checkpointing()
         else:
             self.unet.disable_gradient_checkpointing()
+
+    def cross_attention_modules(self) -> list[torch.nn.Module]:
+        """The UNet's ``attn2`` modules in forward order: down blocks, mid block, up blocks (the UNet registers its
+        mid block last, so registration order alone is not forward order)."""
+        stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+        named = [(stage.get(n.split(".")[0], 3), i, m) for i, (n, m) in enumerate(self.unet.named_modules())
+                 if n.endswith(".attn2")]
+        return [m for _, _, m in sorted(named, key=lambda e: e[:2])]
+
+    def cross_attention_layers(self) -> int:
+        return len(self.cross_attention_modules())
+
+    def install_layerwise_context(self, tokens: int) -> Handle:
+        modules = self.cross_attention_modules()
+        hooks = [m.register_forward_pre_hook(routing_pre_hook(i, len(modules), tokens), with_kwargs=True)
+                 for i, m in enumerate(modules)]
+        return Handle(lambda: [h.remove() for h in hooks])
+

@@ -3,6 +3,8 @@ pipelines' own ``encode_prompt`` does (SD1/SD2: last hidden state; SDXL: the pen
 encoders concatenated, pooled output of the second), so what is trained is what the pipeline samples with.
 
 Placeholder embeddings are a forward hook on each encoder's token-embedding table (:mod:`...adapters.token_embeddings`);
+with layer-wise placeholders installed (ED-LoRA) every prompt is encoded once per cross-attention layer and the
+contexts come stacked along the token axis (:mod:`...adapters.layerwise_context`), the pooled output from layer 0's copy;
 K/V tokens replace the ``forward`` of the chosen self-attention modules on the instance (:mod:`...adapters.kv_concat`).
 Both come with a :class:`Handle` that removes them.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 import torch
 
 from ...adapters.kv_concat import causal_mask, kv_concat_attention
+from ...adapters.layerwise_context import stack_layer_contexts
 from ...adapters.lora import TEXT_TARGETS, linear_paths
-from ...adapters.token_embeddings import Slot, add_placeholders, filler_id, splice_placeholders, substitute
+from ...adapters.token_embeddings import (Slot, add_placeholders, filler_id, layer_count, splice_placeholders,
+                                          substitute)
 from ...engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
 from ...formats.lora_file import text_prefix
 from .pipeline import detect_family, text_transformer
@@ -34,6 +38,7 @@ class DiffusersTextEncoder:
                                              c.num_hidden_layers - 1 if xl else c.num_hidden_layers))
         self._placeholders: dict[str, list[torch.Tensor]] = {}
         self._pending: list[list[Slot]] = [[] for _ in self.models]
+        self._rows_per_layer = 1
 
     # ------------------------------------------------------------------ tokens
     def token_ids(self, text: str, which: int = 0) -> list[int]:
@@ -50,7 +55,7 @@ class DiffusersTextEncoder:
                        return_tensors="pt").input_ids
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        counts = {p: v[which].shape[0] for p, v in self._placeholders.items()}
+        counts = {p: v[which].shape[-2] for p, v in self._placeholders.items()}  # [n, D] or [layers, n, D]
         rows, slots = [], []
         for i, prompt in enumerate(prompts):
             ids, s = splice_placeholders(prompt, lambda t: self.token_ids(t, which), counts, bos=bos, eos=eos,
@@ -62,25 +67,34 @@ class DiffusersTextEncoder:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, prompts: list[str]) -> Conditioning:
+        layers, b = layer_count(self._placeholders), len(prompts)
+        rows = prompts * layers  # layer-major: rows l·B … (l+1)·B−1 carry layer l's vectors
+        self._rows_per_layer = b
         try:
             if self.family != "sdxl":
                 model = self.models[0]
-                return Conditioning(model(self._padded_ids(prompts, 0).to(model.device))[0])
-            hidden, pooled = [], None
-            for i, model in enumerate(self.models):
-                out = model(self._padded_ids(prompts, i).to(model.device), output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
-                pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
-            return Conditioning(torch.cat(hidden, dim=-1), pooled)
+                context, pooled = model(self._padded_ids(rows, 0).to(model.device))[0], None
+            else:
+                hidden = []
+                for i, model in enumerate(self.models):
+                    out = model(self._padded_ids(rows, i).to(model.device), output_hidden_states=True)
+                    hidden.append(out.hidden_states[-2])
+                    pooled = out[0][:b]  # the last encoder's projected pooled output (text_embeds)
+                context = torch.cat(hidden, dim=-1)
         finally:
             self._pending = [[] for _ in self.models]
+        if layers > 1:
+            context = stack_layer_contexts(context.view(layers, b, *context.shape[1:]))
+        return Conditioning(context, pooled)
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
+        layer_count(self._placeholders | vectors)  # layer-wise sets must agree on the layer count
         add_placeholders(self._placeholders, vectors)
         hooks = []
         for which, model in enumerate(self.models):
             def hook(module, inputs, output, which=which):
-                return substitute(output, self._pending[which], {p: v[which] for p, v in vectors.items()})
+                return substitute(output, self._pending[which], {p: v[which] for p, v in vectors.items()},
+                                  self._rows_per_layer)
 
             hooks.append(text_transformer(model).embeddings.token_embedding.register_forward_hook(hook))
 
