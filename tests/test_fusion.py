@@ -8,6 +8,7 @@ import torch
 
 from fewshot_personalize.kernels.core.errors import UserInputError
 from fewshot_personalize.kernels.multi_concept.fusion import (
+    FusionSums,
     GramAccumulator,
     average_of_deltas,
     fuse_layer,
@@ -225,3 +226,16 @@ def test_bad_input_is_refused_with_a_message_naming_the_problem():
         average_of_deltas(base, [deltas[0].T])
     with pytest.raises(ValueError, match="weight has shape"):
         fusion_objective(base.T, base, deltas, grams)
+
+
+def test_sums_accumulated_concept_by_concept_give_the_same_fused_weight():
+    base, deltas, inputs = _problem([20, 12, 30], seed=5)
+    sums = FusionSums()
+    for d, x in zip(deltas, inputs):
+        acc = GramAccumulator()
+        acc.add(x.view(2, -1, IN) if len(x) % 2 == 0 else x)
+        sums.add(d, acc)  # the concept's Gram can be dropped now
+    assert torch.allclose(sums.solve(base, 1e-6), fuse_layer(base, deltas, _grams(inputs), 1e-6), atol=1e-10)
+    assert torch.allclose(sums.solve(base, 0.0), _lstsq_fused(base, deltas, inputs), atol=1e-8)
+    with pytest.raises(UserInputError, match="at least one concept"):
+        FusionSums().solve(base)

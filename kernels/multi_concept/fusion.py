@@ -34,6 +34,7 @@ from ..core.errors import UserInputError
 __all__ = [
     "GramAccumulator",
     "fuse_layer",
+    "FusionSums",
     "fusion_objective",
     "fuse_layer_lbfgs",
     "sum_of_deltas",
@@ -170,25 +171,62 @@ def fuse_layer(base: torch.Tensor, deltas: Sequence[torch.Tensor],
     no concept reaches keep W0. Solved with a Cholesky factorisation in float64 (``ridge=0`` with a singular
     Σ G_i falls back to the minimum-norm least-squares solution); returned in ``base``'s dtype, shape and device.
     """
+    _check_ridge(ridge)
+    _, flat_deltas, flat_grams = _checked(base, deltas, grams)
+    sums = FusionSums()
+    for d, g in zip(flat_deltas, flat_grams):
+        sums.add(d, g)
+    return sums.solve(base, ridge)
+
+
+def _check_ridge(ridge: float) -> None:
     if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise UserInputError(f"the ridge must be a finite number >= 0, got {ridge!r}")
-    w0, flat_deltas, flat_grams = _checked(base, deltas, grams)
-    in_features = w0.shape[1]
-    total = torch.stack(flat_grams).sum(0)
-    total = (total + total.T) / 2  # exactly symmetric for Cholesky
-    scale = float(torch.diagonal(total).sum()) / in_features
-    if not scale > 0:
-        raise UserInputError("the concepts' Gram matrices are all zero (no activations recorded): nothing to fuse on")
-    rhs = sum(d @ g for d, g in zip(flat_deltas, flat_grams))  # Σ ΔW_i G_i  [out, in]
-    system = total + (ridge * scale) * torch.eye(in_features, dtype=torch.float64, device=total.device)
-    # D (S + λI) = R  ⇔  (S + λI) Dᵀ = Rᵀ, S symmetric
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        difference_t = torch.cholesky_solve(rhs.T, factor)
-    else:  # only reachable with ridge = 0 (or a tiny one) on singular inputs: minimum-norm solution
-        difference_t = torch.linalg.lstsq(system.cpu(), rhs.T.cpu(), driver="gelsd").solution.to(total.device)
-    fused = w0 + difference_t.T
-    return fused.reshape(base.shape).to(device=base.device, dtype=base.dtype)
+
+
+class FusionSums:
+    """The two sums Eq. 5's solution needs, Σ G_i [in, in] and Σ ΔW_i G_i [out, in], accumulated concept by
+    concept, so a layer's memory does not grow with the number of concepts (each G_i can be dropped once added)."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.rhs: torch.Tensor | None = None
+
+    def add(self, delta: torch.Tensor, gram: torch.Tensor | GramAccumulator) -> None:
+        """One concept: its ΔW_i ([out, in] or a 1×1 conv weight) and G_i."""
+        g = _as_gram(gram)
+        d = _flat(delta, "the LoRA difference").to(device=g.device, dtype=torch.float64)
+        if g.shape != (d.shape[1], d.shape[1]):
+            raise UserInputError(f"a Gram matrix of shape {tuple(g.shape)} does not fit a layer with {d.shape[1]} "
+                                 "input features")
+        g = g.to(torch.float64)
+        self.gram = g.clone() if self.gram is None else self.gram + g
+        self.rhs = d @ g if self.rhs is None else self.rhs + d @ g
+
+    def solve(self, base: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+        """W* = W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ (see :func:`fuse_layer`), in ``base``'s dtype, shape and device."""
+        _check_ridge(ridge)
+        if self.gram is None:
+            raise UserInputError("fusion needs at least one concept (got no LoRA differences)")
+        w0 = _flat(base, "the base weight").to(device=self.gram.device, dtype=torch.float64)
+        if w0.shape != self.rhs.shape:
+            raise UserInputError(f"the base weight has shape {tuple(w0.shape)}, the LoRA differences "
+                                 f"{tuple(self.rhs.shape)}")
+        in_features = w0.shape[1]
+        total = (self.gram + self.gram.T) / 2  # exactly symmetric for Cholesky
+        scale = float(torch.diagonal(total).sum()) / in_features
+        if not scale > 0:
+            raise UserInputError("the concepts' Gram matrices are all zero (no activations recorded): nothing to "
+                                 "fuse on")
+        system = total + (ridge * scale) * torch.eye(in_features, dtype=torch.float64, device=total.device)
+        # D (S + λI) = R  ⇔  (S + λI) Dᵀ = Rᵀ, S symmetric
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            difference_t = torch.cholesky_solve(self.rhs.T, factor)
+        else:  # only reachable with ridge = 0 (or a tiny one) on singular inputs: minimum-norm solution
+            difference_t = torch.linalg.lstsq(system.cpu(), self.rhs.T.cpu(), driver="gelsd").solution.to(total.device)
+        fused = w0 + difference_t.T
+        return fused.reshape(base.shape).to(device=base.device, dtype=base.dtype)
 
 
 def fusion_objective(weight: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
