@@ -15,6 +15,7 @@ from ..methods import METHODS
 from .augment import add_augment_flags
 from .augment import add_command as add_augment
 from .evaluate import add_command as add_evaluate
+from .fuse import add_command as add_fuse
 
 log = logging.getLogger("fewshot_personalize")
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate(sub)
     add_augment(sub)
+    add_fuse(sub)
     try:
         from ..demo import cli as demo_cli
     except ImportError:
@@ -145,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     from .augment import cmd_augment
     from .evaluate import cmd_evaluate
+    from .fuse import cmd_fuse
     from .generate import cmd_generate
     from .train import cmd_train
 
-    commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "augment": cmd_augment}
+    commands = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate, "augment": cmd_augment,
+                "fuse": cmd_fuse}
     try:
         from ..demo import cli as demo_cli
 

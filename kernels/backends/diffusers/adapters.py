@@ -7,6 +7,7 @@
   (unconditional) branch is encoded without them (CatVersion §3.2).
 * ED-LoRA files merge their LoRA and install their layer-wise tokens: prompts are then encoded once per
   cross-attention layer and a router on the UNet hands each layer its own context (Mix-of-Show §3.2).
+* Fused files (several concepts, Mix-of-Show §3.3) merge their weight difference and install every concept's tokens.
 With placeholders or K/V tokens on a pipeline, prompts are encoded by :class:`PipelineAdapters` and handed to the
 pipeline as embeddings (:func:`.generate.generate_images` does this).
 """
@@ -24,6 +25,7 @@ from ...engine.seams import Conditioning, Handle
 from ...formats.catversion_file import parse_catversion
 from ...formats.edlora_file import is_edlora, parse_edlora
 from ...formats.embedding_file import parse_embedding, split_bundled
+from ...formats.fused_file import is_fused, parse_fused
 from ...formats.lora_file import from_kohya, parse_lora_tensors, text_prefix
 from ...formats.metadata import check_family
 from ...formats.safetensors_io import load_safetensors
@@ -74,11 +76,13 @@ def apply_lora_file(pipe, path: str | os.PathLike, strength: float = 1.0,
 
 
 def adapter_kind(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """``lora`` (kohya keys, maybe with bundled embeddings), ``embedding``, ``catversion`` or ``ed-lora``, from the
-    file."""
+    """``lora`` (kohya keys, maybe with bundled embeddings), ``embedding``, ``catversion``, ``ed-lora`` or ``fused``,
+    from the file."""
     method = meta.get("fsp.method")
     if method == "catversion":
         return "catversion"
+    if is_fused(meta):
+        return "fused"
     if is_edlora(tensors, meta):
         return "ed-lora"
     if any(k.endswith(".lora_down.weight") for k in tensors):
@@ -128,6 +132,22 @@ class PipelineAdapters:
             self._routed = True
         self.add_embedding(token, vectors, source)
 
+    def add_tokens(self, token: str, vectors: dict[str, torch.Tensor], source: str) -> None:
+        """A placeholder of either kind: shared [n, width] or layer-wise [layers, n, width] vectors per encoder."""
+        widths = self.encoder_widths()
+        layers = DiffusersDenoiser(self.pipe).cross_attention_layers()
+        for name, width in widths.items():
+            v = vectors.get(name)
+            if v is None:
+                raise UserInputError(f"{source}: token {token!r} has no embeddings for text encoder {name}")
+            if v.dim() not in (2, 3) or v.shape[-1] != width or (v.dim() == 3 and v.shape[0] != layers):
+                raise UserInputError(f"{source}: token {token!r} has {name} embeddings of shape {tuple(v.shape)}; this "
+                                     f"model needs [n, {width}] or [{layers}, n, {width}]")
+        if next(iter(vectors.values())).dim() == 3:
+            self.add_layerwise_embedding(token, vectors, source)
+        else:
+            self.add_embedding(token, vectors, source)
+
     def add_catversion(self, kv: dict, strength: float) -> None:
         index = {e.name: i for i, e in enumerate(self.text.encoders)}
         self.kv.append(({index[enc]: layers for enc, layers in kv.items()}, strength))
@@ -146,13 +166,18 @@ class PipelineAdapters:
             lora, bundles = split_bundled(tensors)
             self._merge(lora, source, strength)
             for name, parts in bundles.items():
-                vectors = parse_embedding(_unbundle(parts, self.family), meta, self.encoder_widths(), self.family, source)
+                vectors = parse_embedding(unbundle(parts, self.family), meta, self.encoder_widths(), self.family, source)
                 self.add_embedding(meta.get("fsp.token", f"<{name}>"), vectors, source)
         elif kind == "ed-lora":
             layers = DiffusersDenoiser(self.pipe).cross_attention_layers()
             lora, vectors, token = parse_edlora(tensors, meta, self.encoder_widths(), layers, self.family, source)
             self._merge(lora, source, strength)
             self.add_layerwise_embedding(token, vectors, source)
+        elif kind == "fused":
+            lora, tokens = parse_fused(tensors, meta, source)
+            self._merge(lora, source, strength)
+            for token, vectors in tokens.items():
+                self.add_tokens(token, vectors, source)
         elif kind == "embedding":
             vectors = parse_embedding(tensors, meta, self.encoder_widths(), self.family, source)
             self.add_embedding(meta.get("fsp.token") or default_token, vectors, source)
@@ -203,7 +228,7 @@ class PipelineAdapters:
         self.handles, self.tokens, self.kv, self._saved, self._routed = [], [], [], {}, False
 
 
-def _unbundle(parts: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+def unbundle(parts: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """Bundled-embedding keys (``string_to_param.*`` or per-encoder names) → embedding-file tensors."""
     if family == "sdxl":
         return parts

@@ -92,9 +92,9 @@ class DiffusersTextEncoder:
         add_placeholders(self._placeholders, vectors)
         hooks = []
         for which, model in enumerate(self.models):
-            def hook(module, inputs, output, which=which):
-                return substitute(output, self._pending[which], {p: v[which] for p, v in vectors.items()},
-                                  self._rows_per_layer)
+            def hook(module, inputs, output, which=which):  # this install's placeholders only
+                slots = [s for s in self._pending[which] if s.placeholder in vectors]
+                return substitute(output, slots, {p: v[which] for p, v in vectors.items()}, self._rows_per_layer)
 
             hooks.append(text_transformer(model).embeddings.token_embedding.register_forward_hook(hook))
 
