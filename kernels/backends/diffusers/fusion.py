@@ -42,6 +42,8 @@ TOKEN_TEMPLATES = ("a photo of a {}", "{}")
 
 #: ``progress(stage, done, total)``; raising from it cancels the fusion (the pipeline is left as it was)
 Progress = Callable[[str, int, int], None]
+#: ``tap(layer, concept index, inputs)``: sees every recorded activation (benchmarks compare solvers on them)
+Tap = Callable[[str, int, torch.Tensor], None]
 
 
 @dataclass
@@ -123,7 +125,7 @@ class FusedConcepts:
 
 def fuse_concepts(pipe, concepts: list[Concept], fusion: str = "gradient", *, ridge: float = 1e-4,
                   sample_steps: int = 20, samples: int = 2, guidance: float = 7.5, resolution: int | None = None,
-                  seed: int = 0, progress: Progress | None = None) -> FusedConcepts:
+                  seed: int = 0, progress: Progress | None = None, tap: Tap | None = None) -> FusedConcepts:
     """Fuse ``concepts`` into ``pipe`` (see the module docstring); returns what was done, for sampling and saving."""
     if fusion not in FUSIONS:
         raise UserInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
@@ -161,7 +163,7 @@ def fuse_concepts(pipe, concepts: list[Concept], fusion: str = "gradient", *, ri
                 batch=samples, adapters=adapters) for p in c.prompts]
             for stage, group, record in (("text encoder", text, record_text), ("unet", unet, record_unet)):
                 if group:
-                    _fuse_group(stage, group, base, deltas, concepts, record, ridge, report)
+                    _fuse_group(stage, group, base, deltas, concepts, record, ridge, report, tap)
     except BaseException:
         done.remove()
         raise
@@ -186,7 +188,8 @@ def _adapted_modules(pipe, concepts: list[Concept]) -> dict[str, torch.nn.Linear
     return out
 
 
-def _fuse_group(stage: str, group: dict[str, torch.nn.Linear], base, deltas, concepts, record, ridge, report) -> None:
+def _fuse_group(stage: str, group: dict[str, torch.nn.Linear], base, deltas, concepts, record, ridge, report,
+                tap: Tap | None) -> None:
     """One stage: per concept, its own weights on the group, record the group's inputs, fold them into the sums;
     then solve every layer and set the fused weights."""
     sums = {n: FusionSums() for n in group}
@@ -196,8 +199,13 @@ def _fuse_group(stage: str, group: dict[str, torch.nn.Linear], base, deltas, con
             d = deltas[i][n]
             _set(m, base[n] if d is None else base[n] + d.to(base[n].device, base[n].dtype))
         grams = {n: GramAccumulator() for n in group}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: grams[n].add(args[0].detach()))
-                 for n, m in group.items()]
+
+        def hook(module, args, n, i=i):
+            grams[n].add(args[0].detach())
+            if tap is not None:
+                tap(n, i, args[0].detach())
+
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in group.items()]
         try:
             with torch.no_grad():
                 record(c)

@@ -1,0 +1,123 @@
+"""How fast is closed-form gradient fusion against Mix-of-Show's LBFGS solve, on the same recorded activations?
+(issue 15) Recorded, not asserted; the table is fusion_speed.md beside this file.
+
+Two concepts with random rank-4 LoRAs on every adapted layer (text encoder q/k/v/out, UNet attention
+q/k/v/out) and layer-wise tokens go through the fusion's recording on the demo model: the text encoder encodes each
+concept's prompts with its own weights; the UNet samples each concept's prompts (--steps DPM steps, --samples images,
+both halves of classifier-free guidance) with its own weights and the fused text encoder. The raw activations of
+every layer are kept, so both solvers see exactly the same inputs:
+- closed form: the Gram matrices accumulated from the activations, then one Cholesky solve per layer
+  (kernels/multi_concept/fusion.py; the time includes accumulating the Grams);
+- LBFGS with Mix-of-Show's settings (lr 1, history 25, strong Wolfe line search, 500 iterations on text-encoder
+  layers, 50 on UNet layers, started from W0), float32 as Mix-of-Show runs it.
+Reported per group: seconds, and the least-squares objective of each result (relative to the closed form's).
+Solver times only; the recording itself (shared by both) is timed separately.
+
+    python tests/benchmarks/fusion_speed.py [--steps 20] [--samples 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = ("a photo of a {}", "{}")
+
+
+def random_concepts(pipe, n: int = 2, rank: int = 4, scale: float = 0.1):
+    from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
+    from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder
+    from fewshot_personalize.kernels.backends.diffusers.adapters import adapter_modules
+    from fewshot_personalize.kernels.backends.diffusers.fusion import Concept
+
+    layers = DiffusersDenoiser(pipe).cross_attention_layers()
+    width = DiffusersTextEncoder(pipe).encoders[0].width
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        lora = {}
+        for prefix, root in adapter_modules(pipe).items():
+            targets = ("to_q", "to_k", "to_v", "to_out.0") if prefix == "lora_unet_" else ("q_proj", "k_proj", "v_proj",
+                                                                                          "out_proj")
+            modules = dict(root.named_modules())
+            for path in linear_paths(root, targets):
+                m = modules[path]
+                lora[prefix + path.replace(".", "_")] = LoraWeights(
+                    torch.randn(rank, m.in_features, generator=g) * scale,
+                    torch.randn(m.out_features, rank, generator=g) * scale, float(rank))
+        token = f"<c{i}>"
+        out.append(Concept(token, lora, {token: {"clip_l": torch.randn(layers, 2, width, generator=g) * 0.02}},
+                           [p.format(token) for p in PROMPTS]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from fewshot_personalize.kernels.backends.diffusers.fusion import fuse_concepts
+    from fewshot_personalize.kernels.demo.experiment import demo_pipeline
+    from fewshot_personalize.kernels.demo.model import RESOLUTION
+    from fewshot_personalize.kernels.multi_concept import fusion as F
+
+    pipe = demo_pipeline()
+    concepts = random_concepts(pipe)
+    recorded: dict[str, list[list[torch.Tensor]]] = {}  # layer → per concept → activation rows
+
+    def keep(layer: str, concept: int, x: torch.Tensor) -> None:
+        recorded.setdefault(layer, [[] for _ in concepts])[concept].append(x.reshape(-1, x.shape[-1]).float().clone())
+
+    t0 = time.perf_counter()
+    fused = fuse_concepts(pipe, concepts, "gradient", sample_steps=a.steps, samples=a.samples, resolution=RESOLUTION,
+                          tap=keep)
+    record_s = time.perf_counter() - t0
+    base = fused.base
+    fused.remove()
+
+    rows = {"text encoder": {"layers": 0, "closed_s": 0.0, "lbfgs_s": 0.0, "closed_obj": 0.0, "lbfgs_obj": 0.0,
+                             "tokens": 0, "iterations": 500},
+            "unet": {"layers": 0, "closed_s": 0.0, "lbfgs_s": 0.0, "closed_obj": 0.0, "lbfgs_obj": 0.0, "tokens": 0,
+                     "iterations": 50}}
+    for name, per_concept in recorded.items():
+        group = rows["unet" if name.startswith("lora_unet_") else "text encoder"]
+        w0 = base[name].float()
+        deltas = [c.lora[name].delta().reshape(w0.shape) for c in concepts]
+        xs = [torch.cat(chunks) for chunks in per_concept]
+        t = time.perf_counter()
+        grams = []
+        for x in xs:
+            acc = F.GramAccumulator()
+            acc.add(x)
+            grams.append(acc)
+        closed = F.fuse_layer(w0, deltas, grams)
+        group["closed_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        lbfgs = F.fuse_layer_lbfgs(w0, deltas, xs, group["iterations"])
+        group["lbfgs_s"] += time.perf_counter() - t
+        g64 = [g.gram for g in grams]
+        group["closed_obj"] += F.fusion_objective(closed, w0, deltas, g64)
+        group["lbfgs_obj"] += F.fusion_objective(lbfgs, w0, deltas, g64)
+        group["layers"] += 1
+        group["tokens"] += sum(len(x) for x in xs)
+        print(f"{name}: {len(xs[0])}+{len(xs[1])} rows", flush=True)
+    for g in rows.values():
+        g["speedup"] = g["lbfgs_s"] / max(g["closed_s"], 1e-9)
+        g["objective_ratio_lbfgs_over_closed"] = g["lbfgs_obj"] / max(g["closed_obj"], 1e-30)
+    record = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": a.threads,
+              "model": "demo", "concepts": len(concepts), "sample_steps": a.steps, "samples": a.samples,
+              "recording_s": record_s, "groups": rows}
+    (HERE / "fusion_speed.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
