@@ -57,17 +57,19 @@ def test_demo_command_ci_sized(tmp_path, capsys):
 
 
 @needs_demo
-@pytest.mark.parametrize("method", ["textual-inversion", "catversion"])
-def test_demo_command_other_methods_ci_sized(method, tmp_path, capsys):
+@pytest.mark.parametrize("method,expected", [("textual-inversion", "a <sks> toy on the beach"),
+                                             ("catversion", "a toy on the beach"), ("ed-lora", "a <sks> on the beach")])
+def test_demo_command_other_methods_ci_sized(method, expected, tmp_path, capsys):
     from safetensors import safe_open
+
+    from fewshot_personalize.kernels.demo.experiment import recipe_for
 
     out = tmp_path / method
     assert main(["demo", "--method", method, "--out", str(out), "--steps", "2"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 2 and m["method"] in ("Textual Inversion", "CatVersion")
+    assert m["steps"] == 2 and m["method"] == recipe_for(method).name
     with safe_open(str(out / "checker_toy.safetensors"), "pt") as f:
         assert f.metadata()["fsp.method"] == method
-    expected = "a <sks> toy on the beach" if method == "textual-inversion" else "a toy on the beach"
     assert expected in m["prompts"]
 
 

@@ -1,4 +1,5 @@
-"""``generate``: sample a diffusers model (or the demo model) with any number of adapter files."""
+"""``generate``: sample a diffusers model (or the demo model) with any number of adapter files, optionally with
+region prompts (``--region``, Mix-of-Show §3.4 regional sampling)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ def cmd_generate(a) -> int:
     from ..backends.diffusers import load_pipeline
     from ..backends.diffusers.adapters import PipelineAdapters
     from ..backends.diffusers.generate import generate_images, save_images, use_sampler
+    from ..backends.diffusers.pipeline import native_resolution
     from ..core.devices import default_device
+    from ..multi_concept.regions import Region, parse_region, region_masks
 
     if not a.prompt.strip():
         raise UserInputError("the prompt is empty")
+    parsed = [parse_region(text) for text in a.region]  # syntax first, before the model loads
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UserInputError(f"--out {a.out} is a file, not a folder")
     start = time.perf_counter()
@@ -29,12 +33,21 @@ def cmd_generate(a) -> int:
         for spec in specs:
             path, strength = split_strength(spec, flag)
             kinds.append(adapters.load(path, strength))
+    regions = [(Region.from_box(box, i, label=prompt), prompt) for i, (box, prompt) in enumerate(parsed)]
+    if regions:
+        res = a.resolution or native_resolution(pipe)
+        _, notes = region_masks([r for r, _ in regions], res, res)  # boxes against the output size
+        for note in notes:
+            print(f"note: {note}")
     use_sampler(pipe, a.sampler)
     images = []
     for i in tqdm(range(a.n), desc="generate", unit="img"):
         images += generate_images(pipe, a.prompt, negative=a.negative, n=1, steps=a.steps, seed=a.seed + i,
-                                  guidance=a.guidance, resolution=a.resolution, adapters=adapters)
+                                  guidance=a.guidance, resolution=a.resolution, adapters=adapters,
+                                  regions=regions or None)
     paths = save_images(images, a.out, overwrite=a.overwrite)
-    used = f" with {len(kinds)} adapter(s) ({', '.join(kinds)})" if kinds else ""
+    parts = ([f"{len(kinds)} adapter(s) ({', '.join(kinds)})"] if kinds else []) + \
+        ([f"{len(regions)} region(s)"] if regions else [])
+    used = f" with {' and '.join(parts)}" if parts else ""
     print(f"wrote {len(paths)} images{used} in {time.perf_counter() - start:.1f} s → {a.out}")
     return 0

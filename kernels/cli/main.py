@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter file of any kind (LoRA, textual inversion, catversion, pivotal), repeatable")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="same as --adapter")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--region", action="append", default=[], metavar="X0,Y0,X1,Y1:PROMPT",
+                   help="bind PROMPT to a pixel box of the image (x1, y1 exclusive; Mix-of-Show regional "
+                        "sampling), repeatable; --prompt stays the prompt outside the boxes")
     g.add_argument("--negative")
     g.add_argument("--n", type=_positive_int, default=4)
     g.add_argument("--steps", type=_positive_int, default=25)

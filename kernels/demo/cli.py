@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
                                                      "(default demo_out)")
     d.add_argument("--concept", default="checker_toy", help="bundled concept: checker_toy, twotone_ball, marked_box, creature_toy")
     d.add_argument("--method", default="dreambooth-lora",
-                   choices=["dreambooth-lora", "textual-inversion", "catversion", "pivotal"],
+                   choices=["dreambooth-lora", "textual-inversion", "catversion", "pivotal", "ed-lora"],
                    help="what to train, with the benchmark's recipe for it (default dreambooth-lora: prior + UNet + text)")
     d.add_argument("--steps", type=int, help="training steps (default: the benchmark's recipe)")
     d.add_argument("--seed", type=int, default=0)
