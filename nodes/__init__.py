@@ -4,6 +4,7 @@ this pack that imports comfy.*."""
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_adapter import ApplyAdapter
+from .apply_layerwise import ApplyLayerwiseConcepts
 from .augment import AugmentationNode, AugmentationPreview
 from .backend.catversion import register_folder
 from .catversion import LoadCatVersion, SaveCatVersion
@@ -23,7 +24,7 @@ register_eval_folder()  # models/fewshot_eval
 NODES: list[type[io.ComfyNode]] = [
     TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal,  # fewshot/train
     AugmentationNode, AugmentationPreview,  # fewshot/train
-    SaveAdapter, ApplyAdapter, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
+    SaveAdapter, ApplyAdapter, ApplyLayerwiseConcepts, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
     LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
     EvaluateConcept,  # fewshot/evaluate
 ]

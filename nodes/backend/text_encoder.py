@@ -100,7 +100,7 @@ class ComfyTextEncoder:
         out = {}
         for which, enc in enumerate(self.encoders):
             tok = self._tokenizer(which)
-            counts = {p: v[which].shape[0] for p, v in self._placeholders.items()}
+            counts = {p: len(v[which]) for p, v in self._placeholders.items()}  # [n, w] or n rows
             ids, slots = splice_placeholders(prompt, lambda t: self.token_ids(t, which), counts,
                                              bos=tok.start_token, eos=tok.end_token, pad=tok.pad_token,
                                              max_length=tok.max_length)
@@ -125,9 +125,9 @@ class ComfyTextEncoder:
         return Conditioning(torch.cat(ctx), pooled_t)
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
-        if any(v.dim() != 2 for per_encoder in vectors.values() for v in per_encoder):
-            raise UserInputError("layer-wise tokens (ED-LoRA) are not available inside ComfyUI yet; train and "
-                                 "sample them with the command line")
+        if any(torch.is_tensor(v) and v.dim() != 2 for per_encoder in vectors.values() for v in per_encoder):
+            raise UserInputError("training ED-LoRA inside ComfyUI is not available yet: train it with the command "
+                                 "line and apply the file with 'Apply ED-LoRA / fused concepts'")
         add_placeholders(self._placeholders, vectors)
         return Handle(lambda: [self._placeholders.pop(p, None) for p in vectors])
 
