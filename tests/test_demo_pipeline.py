@@ -169,3 +169,32 @@ def test_pretraining_stops_after_its_session_minutes_and_continues_from_that_fol
         pretrain(tmp_path / "m3", work_dir=tmp_path / "w3", from_dir=tmp_path / "m1", **(TINY | {"n_images": 40}))
     with pytest.raises(ValueError, match="no pretrain_log.json"):
         pretrain(tmp_path / "m3", work_dir=tmp_path / "w4", from_dir=tmp_path / "w1", **TINY)
+
+
+def test_pretraining_continues_from_a_folder_of_the_vae_alone(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fewshot_personalize.kernels.demo import pretrain as P
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    starts = []
+    real = P.train_vae
+
+    def spy(vae, *a, **kw):
+        starts.append({k: v.clone() for k, v in vae.state_dict().items()})
+        return real(vae, *a, **kw)
+
+    monkeypatch.setattr(P, "train_vae", spy)
+
+    first = pretrain(tmp_path / "m1", work_dir=tmp_path / "w1", vae_minutes=0.01, unet_minutes=0, **TINY)
+    keep = tmp_path / "vae_only"
+    keep.mkdir()
+    shutil.copytree(tmp_path / "m1" / "vae", keep / "vae")
+    shutil.copy(tmp_path / "m1" / "pretrain_log.json", keep)
+    more = first["vae"]["done_s"] / 60 + 0.01  # the VAE may still train on: the UNet has not started
+    rec = pretrain(tmp_path / "m2", work_dir=tmp_path / "w2", vae_minutes=more, unet_minutes=0, from_dir=keep, **TINY)
+    assert rec["vae"]["steps"] > first["vae"]["steps"] and rec["sessions"][1]["continued_from"] == str(keep)
+    kept = load_file(str(keep / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(starts[1][k], kept[k]) for k in kept)  # the second session started from the kept VAE

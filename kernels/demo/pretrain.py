@@ -22,8 +22,8 @@ VAE stage as long as the UNet has not started (``--unet-minutes 0`` stops after 
 Across machines (the work folder lives in the user cache, and a new machine starts without it):
 ``--session-minutes M`` trains at most ``M`` minutes in this session and then writes ``--out`` from the state
 reached (``pretrain_log.json`` says ``"finished": false``); ``--from DIR`` starts a new work folder from such a
-folder: its log (same settings), its VAE, and its EMA UNet and text encoder as both the training and the EMA
-weights; the scenes are rendered and encoded again (the same seed gives the same latents), the optimizer's moments
+folder: its log (same settings), its VAE, and (once the UNet stage has begun) its EMA UNet and text encoder as both
+the training and the EMA weights; a folder of the VAE alone (``vae/`` and the log) is enough before that; the scenes are rendered and encoded again (the same seed gives the same latents), the optimizer's moments
 start afresh.
 """
 
@@ -195,8 +195,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     tok_dir = work.path / "tokenizer"
     unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"])
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    if seeded:
-        _load_weights(Path(from_dir), vae=vae, unet=unet, text=text)
+    if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
+        nets = {"vae": vae} if work.stage("unet")["steps"] == 0 else {"vae": vae, "unet": unet, "text": text}
+        _load_weights(Path(from_dir), **nets)
     latents_file = work.path / "latents.safetensors"
     vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
     if vae_more and work.stage("unet")["steps"] > 0:
