@@ -27,8 +27,10 @@ class ApplyLayerwiseConcepts(io.ComfyNode):
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="An ED-LoRA or fused file from models/loras (written by 'train --method "
                                        "ed-lora' or 'fuse')."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the LoRA on the diffusion model."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the LoRA on the text encoder (the tokens always apply)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
         )
