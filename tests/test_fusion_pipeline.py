@@ -166,3 +166,23 @@ def test_fuse_command_writes_a_file_that_gives_the_fused_model_back(pipe, tiny_s
                  str(tmp_path / "one.safetensors")])
     assert code == 2 and "two or more --adapter" in capsys.readouterr().err
     assert not (tmp_path / "one.safetensors").exists()
+
+
+def test_fuse_command_takes_dreambooth_loras_by_their_instance_prompts(pipe, tiny_sd, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from fewshot_personalize.kernels.cli.main import main
+
+    for name, seed, prompt in (("a", 1, "a sks toy"), ("b", 2, None)):
+        c = _concept(pipe, "<x>", seed)
+        meta = lora_metadata(family="sd1", method="dreambooth-lora", rank=2, alpha=2.0, steps=1, instance_prompt=prompt)
+        atomic_save(lora_tensors(c.lora), tmp_path / f"{name}.safetensors", meta)
+    args = ["fuse", "--base", tiny_sd, "--adapter", str(tmp_path / "a.safetensors"), "--steps", "1", "--samples", "1",
+            "--resolution", "32"]
+    code = main([*args, "--adapter", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "f1.safetensors")])
+    assert code == 2 and "records no instance prompt" in capsys.readouterr().err  # b says nothing of itself
+    assert not (tmp_path / "f1.safetensors").exists()
+    code = main([*args, "--adapter", f"{tmp_path / 'b.safetensors'}=a zwx ball", "--out", str(tmp_path / "f.safetensors")])
+    assert code == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["fsp.tokens"]) == [] and f.metadata()["fsp.fusion"] == "gradient"
