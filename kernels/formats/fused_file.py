@@ -61,3 +61,16 @@ def parse_fused(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: 
         raise UserInputError(f"{source}: no embeddings for token {empty[0]!r}")
     lora = {k: v for k, v in tensors.items() if not k.startswith(EMBEDDING_PREFIX)}
     return lora, vectors
+
+
+def check_token_vectors(token: str, vectors: dict[str, torch.Tensor], widths: dict[str, int], layers: int,
+                        source: str) -> None:
+    """Refuse a token whose vectors do not fit the model: per text encoder (``widths``: {name: width}) shared
+    [n, width] or layer-wise [layers, n, width] vectors, naming both shapes."""
+    for name, width in widths.items():
+        v = vectors.get(name)
+        if v is None:
+            raise UserInputError(f"{source}: token {token!r} has no embeddings for text encoder {name}")
+        if v.dim() not in (2, 3) or v.shape[-1] != width or (v.dim() == 3 and v.shape[0] != layers):
+            raise UserInputError(f"{source}: token {token!r} has {name} embeddings of shape {tuple(v.shape)}; this "
+                                 f"model needs [n, {width}] or [{layers}, n, {width}]")

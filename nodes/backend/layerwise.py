@@ -128,7 +128,7 @@ def apply_layerwise_file(model, clip, tensors: dict[str, torch.Tensor], meta: di
     CLIP, the per-layer context routing on the MODEL. Refuses other kinds, families and layer counts, naming both."""
     from ...kernels.core.errors import UserInputError
     from ...kernels.formats.edlora_file import is_edlora, parse_edlora
-    from ...kernels.formats.fused_file import is_fused, parse_fused
+    from ...kernels.formats.fused_file import check_token_vectors, is_fused, parse_fused
     from .adapter import adapter_from_file_tensors, apply_adapter
     from .families import clip_family, model_family
 
@@ -146,16 +146,11 @@ def apply_layerwise_file(model, clip, tensors: dict[str, torch.Tensor], meta: di
     else:
         raise UserInputError(f"{source} is neither an ED-LoRA nor a fused-concepts file (use Apply adapter or the "
                              "stock LoraLoader for plain LoRAs)")
-    layerwise = {}
+    layerwise = {}  # shared [n, w] vectors become the same vectors in every layer
     for token, per_encoder in tokens.items():
-        layerwise[token] = {}
-        for name, width in widths.items():
-            v = per_encoder.get(name)
-            if v is None or v.shape[-1] != width or v.dim() not in (2, 3) or (v.dim() == 3 and v.shape[0] != len(order)):
-                shape = None if v is None else tuple(v.shape)
-                raise UserInputError(f"{source}: token {token!r} has {name} embeddings of shape {shape}; this model "
-                                     f"needs [n, {width}] or [{len(order)}, n, {width}]")
-            layerwise[token][name] = v if v.dim() == 3 else v.unsqueeze(0).repeat(len(order), 1, 1)
+        check_token_vectors(token, per_encoder, widths, len(order), source)
+        layerwise[token] = {name: v if v.dim() == 3 else v.unsqueeze(0).repeat(len(order), 1, 1)
+                            for name, v in per_encoder.items() if name in widths}
     m, c = apply_adapter(model, clip, adapter_from_file_tensors(lora, meta, source), strength_model, strength_clip,
                          family, source)
     m.set_model_attn2_patch(layerwise_context_patch(order))

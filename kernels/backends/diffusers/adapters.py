@@ -25,7 +25,7 @@ from ...engine.seams import Conditioning, Handle
 from ...formats.catversion_file import parse_catversion
 from ...formats.edlora_file import is_edlora, parse_edlora
 from ...formats.embedding_file import parse_embedding, split_bundled
-from ...formats.fused_file import is_fused, parse_fused
+from ...formats.fused_file import check_token_vectors, is_fused, parse_fused
 from ...formats.lora_file import from_kohya, parse_lora_tensors, text_prefix
 from ...formats.metadata import check_family
 from ...formats.safetensors_io import load_safetensors
@@ -134,15 +134,8 @@ class PipelineAdapters:
 
     def add_tokens(self, token: str, vectors: dict[str, torch.Tensor], source: str) -> None:
         """A placeholder of either kind: shared [n, width] or layer-wise [layers, n, width] vectors per encoder."""
-        widths = self.encoder_widths()
         layers = DiffusersDenoiser(self.pipe).cross_attention_layers()
-        for name, width in widths.items():
-            v = vectors.get(name)
-            if v is None:
-                raise UserInputError(f"{source}: token {token!r} has no embeddings for text encoder {name}")
-            if v.dim() not in (2, 3) or v.shape[-1] != width or (v.dim() == 3 and v.shape[0] != layers):
-                raise UserInputError(f"{source}: token {token!r} has {name} embeddings of shape {tuple(v.shape)}; this "
-                                     f"model needs [n, {width}] or [{layers}, n, {width}]")
+        check_token_vectors(token, vectors, self.encoder_widths(), layers, source)
         if next(iter(vectors.values())).dim() == 3:
             self.add_layerwise_embedding(token, vectors, source)
         else:
