@@ -10,10 +10,14 @@ from .backend.catversion import register_folder
 from .catversion import LoadCatVersion, SaveCatVersion
 from .demo_loader import LoadDemoModel
 from .evaluate import EvaluateConcept, register_folder as register_eval_folder
+from .fuse import FuseConcepts
+from .load_concept import LoadConcept
 from .save_adapter import SaveAdapter
+from .save_concept import SaveConcept
 from .save_embedding import SaveEmbedding
 from .train import TrainConcept
 from .train_catversion import TrainCatVersion
+from .train_edlora import TrainEdLora
 from .train_embedding import TrainTextualInversion
 from .train_pivotal import TrainPivotal
 from .training_images import LoadDemoConcept, LoadImageFolder
@@ -22,10 +26,11 @@ register_folder()  # models/catversion
 register_eval_folder()  # models/fewshot_eval
 
 NODES: list[type[io.ComfyNode]] = [
-    TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal,  # fewshot/train
+    TrainConcept, TrainTextualInversion, TrainCatVersion, TrainPivotal, TrainEdLora,  # fewshot/train
     AugmentationNode, AugmentationPreview,  # fewshot/train
     SaveAdapter, ApplyAdapter, ApplyLayerwiseConcepts, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
-    LoadDemoModel, LoadDemoConcept, LoadImageFolder,  # fewshot/loaders
+    FuseConcepts, SaveConcept,  # fewshot/adapter
+    LoadDemoModel, LoadDemoConcept, LoadImageFolder, LoadConcept,  # fewshot/loaders
     EvaluateConcept,  # fewshot/evaluate
 ]
 

@@ -239,3 +239,40 @@ def test_sums_accumulated_concept_by_concept_give_the_same_fused_weight():
     assert torch.allclose(sums.solve(base, 0.0), _lstsq_fused(base, deltas, inputs), atol=1e-8)
     with pytest.raises(UserInputError, match="at least one concept"):
         FusionSums().solve(base)
+
+
+def test_recorded_grams_equal_the_inputs_gram_and_hooks_are_removed_however_recording_ends():
+    from fewshot_personalize.kernels.multi_concept.fusion import record_grams
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 2)
+    xs = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
+    seen = []
+    grams = record_grams({"a": a, "b": b}, lambda: [a(x) for x in xs] + [b(xs[0])],
+                         tap=lambda n, x: seen.append(n))
+    rows = torch.cat([x.reshape(-1, 5) for x in xs]).double()
+    torch.testing.assert_close(grams["a"].gram.double(), rows.T @ rows)
+    assert seen.count("a") == 3 and seen.count("b") == 1
+    assert not a._forward_pre_hooks and not b._forward_pre_hooks
+    with pytest.raises(UserInputError, match="layer b saw no input while testing"):
+        record_grams({"a": a, "b": b}, lambda: a(xs[0]), what="testing")
+
+    def fail():
+        a(xs[0])
+        raise KeyboardInterrupt  # a cancel in the middle of recording
+
+    with pytest.raises(KeyboardInterrupt):
+        record_grams({"a": a}, fail)
+    assert not a._forward_pre_hooks
+
+
+def test_difference_is_the_solution_minus_the_base():
+    from fewshot_personalize.kernels.multi_concept.fusion import FusionSums
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3, 6, generator=g)
+    sums = FusionSums()
+    for _ in range(2):
+        x = torch.randn(20, 6, generator=g)
+        sums.add(torch.randn(3, 6, generator=g), x.T @ x)
+    torch.testing.assert_close(sums.difference(1e-3).float(), sums.solve(base, 1e-3) - base, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,8 @@ import torch
 from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
 from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from fewshot_personalize.kernels.backends.diffusers.adapters import PipelineAdapters, adapter_modules
-from fewshot_personalize.kernels.backends.diffusers.fusion import TOKEN_TEMPLATES, Concept, fuse_concepts
+from fewshot_personalize.kernels.backends.diffusers.fusion import fuse_concepts
+from fewshot_personalize.kernels.formats.concept_file import TOKEN_TEMPLATES, Concept
 from fewshot_personalize.kernels.core.errors import UserInputError
 from fewshot_personalize.kernels.engine.seams import Conditioning
 from fewshot_personalize.kernels.formats.edlora_file import edlora_metadata, edlora_tensors

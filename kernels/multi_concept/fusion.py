@@ -25,7 +25,7 @@ weight-fusion baselines, and :func:`low_rank_difference` turns a fused weight ba
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -203,16 +203,13 @@ class FusionSums:
         self.gram = g.clone() if self.gram is None else self.gram + g
         self.rhs = d @ g if self.rhs is None else self.rhs + d @ g
 
-    def solve(self, base: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-        """W* = W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ (see :func:`fuse_layer`), in ``base``'s dtype, shape and device."""
+    def difference(self, ridge: float = 1e-4) -> torch.Tensor:
+        """W* − W0 = (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ [out, in] in float64: it needs no base weight, so a back end that
+        patches weights (ComfyUI) can add it as a difference."""
         _check_ridge(ridge)
         if self.gram is None:
             raise UserInputError("fusion needs at least one concept (got no LoRA differences)")
-        w0 = _flat(base, "the base weight").to(device=self.gram.device, dtype=torch.float64)
-        if w0.shape != self.rhs.shape:
-            raise UserInputError(f"the base weight has shape {tuple(w0.shape)}, the LoRA differences "
-                                 f"{tuple(self.rhs.shape)}")
-        in_features = w0.shape[1]
+        in_features = self.gram.shape[0]
         total = (self.gram + self.gram.T) / 2  # exactly symmetric for Cholesky
         scale = float(torch.diagonal(total).sum()) / in_features
         if not scale > 0:
@@ -222,10 +219,19 @@ class FusionSums:
         # D (S + λI) = R  ⇔  (S + λI) Dᵀ = Rᵀ, S symmetric
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
-            difference_t = torch.cholesky_solve(self.rhs.T, factor)
-        else:  # only reachable with ridge = 0 (or a tiny one) on singular inputs: minimum-norm solution
-            difference_t = torch.linalg.lstsq(system.cpu(), self.rhs.T.cpu(), driver="gelsd").solution.to(total.device)
-        fused = w0 + difference_t.T
+            return torch.cholesky_solve(self.rhs.T, factor).T
+        # only reachable with ridge = 0 (or a tiny one) on singular inputs: minimum-norm solution
+        return torch.linalg.lstsq(system.cpu(), self.rhs.T.cpu(), driver="gelsd").solution.to(total.device).T
+
+    def solve(self, base: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+        """W* = W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ (see :func:`fuse_layer`), in ``base``'s dtype, shape and device."""
+        if self.gram is None:
+            raise UserInputError("fusion needs at least one concept (got no LoRA differences)")
+        w0 = _flat(base, "the base weight").to(device=self.gram.device, dtype=torch.float64)
+        if w0.shape != self.rhs.shape:
+            raise UserInputError(f"the base weight has shape {tuple(w0.shape)}, the LoRA differences "
+                                 f"{tuple(self.rhs.shape)}")
+        fused = w0 + self.difference(ridge)
         return fused.reshape(base.shape).to(device=base.device, dtype=base.dtype)
 
 
@@ -301,6 +307,31 @@ def average_of_deltas(base: torch.Tensor, deltas: Sequence[torch.Tensor]) -> tor
     """Baseline: W0 + (1/N) Σ_i ΔW_i, the weight averaging Mix-of-Show compares against ("weight fusion", §4)."""
     _checked(base, deltas, None)
     return base + sum(d.to(base.dtype) for d in deltas) / len(deltas)
+
+
+def record_grams(modules: dict[str, torch.nn.Module], record: Callable[[], object], *,
+                 tap: Callable[[str, torch.Tensor], None] | None = None,
+                 what: str = "recording") -> dict[str, GramAccumulator]:
+    """G = XᵀX of the inputs each module receives while ``record()`` runs (forward pre-hooks on the modules,
+    removed however it ends; ``tap(name, inputs)`` sees each input). Refuses a module that saw no input."""
+    grams = {n: GramAccumulator() for n in modules}
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        grams[name].add(x.detach())
+        if tap is not None:
+            tap(name, x.detach())
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, args[0])) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            record()
+    finally:
+        for h in hooks:
+            h.remove()
+    silent = [n for n, g in grams.items() if g.count == 0]
+    if silent:
+        raise UserInputError(f"layer {silent[0]} saw no input while {what}")
+    return grams
 
 
 def low_rank_difference(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

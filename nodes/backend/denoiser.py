@@ -16,7 +16,7 @@ import torch
 from ...kernels.adapters.lora import UNET_TARGETS, linear_paths
 from ...kernels.core.errors import UserInputError
 from ...kernels.core.noise_schedule import NoiseSchedule
-from ...kernels.engine.seams import AdapterRoot, Conditioning
+from ...kernels.engine.seams import AdapterRoot, Conditioning, Handle
 from .families import ldm_to_diffusers_paths, model_family, prediction_type
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,29 @@ class ComfyDenoiser:
         unet = self.base.diffusion_model
         return [AdapterRoot("lora_unet_", unet, linear_paths(unet, targets, within="attn"),
                             canonical=ldm_to_diffusers_paths(self.unet_config))]
+
+    def cross_attention_layers(self) -> int:
+        from .layerwise import cross_attention_order
+
+        return len(cross_attention_order(self.patcher))
+
+    def install_layerwise_context(self, tokens: int) -> Handle:
+        """The layer-wise routing (an ``attn2_patch``) in the options this seam samples with; undone by the handle."""
+        from .layerwise import cross_attention_order, layerwise_context_patch
+
+        to = self.transformer_options
+        before = to.get("patches")
+        patches = {k: list(v) for k, v in (before or {}).items()}
+        patches.setdefault("attn2_patch", []).append(layerwise_context_patch(cross_attention_order(self.patcher), tokens))
+        to["patches"] = patches
+
+        def undo():
+            if before is None:
+                to.pop("patches", None)
+            else:
+                to["patches"] = before
+
+        return Handle(undo)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         if on:

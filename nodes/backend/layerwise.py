@@ -153,5 +153,7 @@ def apply_layerwise_file(model, clip, tensors: dict[str, torch.Tensor], meta: di
                             for name, v in per_encoder.items() if name in widths}
     m, c = apply_adapter(model, clip, adapter_from_file_tensors(lora, meta, source), strength_model, strength_clip,
                          family, source)
+    if not layerwise:  # fused DreamBooth-LoRAs: identifier words, no tokens
+        return m, c
     m.set_model_attn2_patch(layerwise_context_patch(order))
     return m, layerwise_clip(c, family, layerwise)

@@ -5,6 +5,9 @@
 * With placeholders installed (Textual Inversion), prompts are tokenized around them and the learned vectors are
   put into the token lists as tensors: ComfyUI's ``process_tokens`` splices such tensors in as input embeddings,
   the same way it applies ``embedding:NAME`` files (gradients reach the vectors).
+* Layer-wise placeholders (ED-LoRA, vectors [layers, n, w]): ``encode`` encodes each prompt once per
+  cross-attention layer with that layer's vectors and stacks the contexts along the token axis
+  (:mod:`...kernels.adapters.layerwise_context`); the pooled output is layer 0's.
 * K/V tokens (CatVersion) replace the ``forward`` of the chosen ``CLIPAttention`` modules. During training this
   is done on the shared modules for the duration of the run (a :class:`Handle` undoes it); in the graph the
   loader node adds the same functions as object patches on a CLIP clone (:func:`kv_object_patches`).
@@ -19,8 +22,9 @@ import logging
 import torch
 
 from ...kernels.adapters.kv_concat import kv_concat_attention
+from ...kernels.adapters.layerwise_context import stack_layer_contexts
 from ...kernels.adapters.lora import TEXT_TARGETS, linear_paths
-from ...kernels.adapters.token_embeddings import add_placeholders, splice_placeholders
+from ...kernels.adapters.token_embeddings import add_placeholders, layer_count, splice_placeholders
 from ...kernels.core.errors import UserInputError
 from ...kernels.engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
 from ...kernels.formats.lora_file import text_prefix
@@ -54,6 +58,12 @@ def kv_attention_forward(attn, k_c: torch.Tensor, v_c: torch.Tensor, strength: f
         return attn.out_proj(kv_concat_attention(q, k, v, kc, vc, attn.heads, mask, strength))
 
     return forward
+
+
+def _layer_rows(vectors, layer: int):
+    """A placeholder's rows for one layer: [n, w] (or a list of n rows) serve every layer; [layers, n, w] is
+    indexed."""
+    return vectors[layer] if torch.is_tensor(vectors) and vectors.dim() == 3 else vectors
 
 
 class ComfyTextEncoder:
@@ -92,23 +102,29 @@ class ComfyTextEncoder:
         table = self.modules[self.encoders[which].name].transformer.text_model.embeddings.token_embedding.weight
         return table[torch.tensor(ids, device=table.device)].detach().float().cpu().clone()
 
-    def tokenize(self, prompt: str) -> dict:
-        """ComfyUI token lists of one prompt; placeholders become their learned vectors (tensors), which
-        ``clip.encode_from_tokens*`` splices in like ``embedding:NAME`` vectors."""
+    def tokenize(self, prompt: str, layer: int = 0) -> dict:
+        """ComfyUI token lists of one prompt; placeholders become their learned vectors (tensors; layer-wise ones
+        those of cross-attention layer ``layer``), which ``clip.encode_from_tokens*`` splices in like
+        ``embedding:NAME`` vectors."""
         if not self._placeholders:
             return self.clip.tokenize(prompt)
         out = {}
         for which, enc in enumerate(self.encoders):
             tok = self._tokenizer(which)
-            counts = {p: len(v[which]) for p, v in self._placeholders.items()}  # [n, w] or n rows
-            ids, slots = splice_placeholders(prompt, lambda t: self.token_ids(t, which), counts,
+            rows_of = {p: _layer_rows(v[which], layer) for p, v in self._placeholders.items()}
+            ids, slots = splice_placeholders(prompt, lambda t: self.token_ids(t, which),
+                                             {p: len(r) for p, r in rows_of.items()},
                                              bos=tok.start_token, eos=tok.end_token, pad=tok.pad_token,
                                              max_length=tok.max_length)
             row: list = [(i, 1.0) for i in ids]
             for s in slots:
-                row[s.pos] = (self._placeholders[s.placeholder][which][s.index], 1.0)
+                row[s.pos] = (rows_of[s.placeholder][s.index], 1.0)
             out[enc.name[len("clip_"):]] = [row]
         return out
+
+    def _layers(self) -> int:
+        return layer_count({p: [v for v in per_encoder if torch.is_tensor(v)]
+                            for p, per_encoder in self._placeholders.items()})
 
     # ------------------------------------------------------------------ encoding
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -116,18 +132,17 @@ class ComfyTextEncoder:
         csm.reset_clip_options()
         if self.clip.layer_idx is not None:
             csm.set_clip_options({"layer": self.clip.layer_idx})
-        ctx, pooled = [], []
+        ctx, pooled, layers = [], [], self._layers()
         for p in prompts:
-            out = csm.encode_token_weights(self.tokenize(p))
-            ctx.append(out[0])
-            pooled.append(out[1])
+            outs = [csm.encode_token_weights(self.tokenize(p, layer)) for layer in range(layers)]
+            ctx.append(outs[0][0] if layers == 1 else stack_layer_contexts(torch.stack([o[0] for o in outs])))
+            pooled.append(outs[0][1])
         pooled_t = torch.cat(pooled) if self.family == "sdxl" and pooled[0] is not None else None
         return Conditioning(torch.cat(ctx), pooled_t)
 
     def install_placeholders(self, vectors: dict[str, list[torch.Tensor]]) -> Handle:
-        if any(torch.is_tensor(v) and v.dim() != 2 for per_encoder in vectors.values() for v in per_encoder):
-            raise UserInputError("training ED-LoRA inside ComfyUI is not available yet: train it with the command "
-                                 "line and apply the file with 'Apply ED-LoRA / fused concepts'")
+        layer_count({p: [v for v in per_encoder if torch.is_tensor(v)]  # layer-wise sets must agree
+                     for p, per_encoder in (self._placeholders | vectors).items()})
         add_placeholders(self._placeholders, vectors)
         return Handle(lambda: [self._placeholders.pop(p, None) for p in vectors])
 

@@ -33,7 +33,7 @@ def random_concepts(pipe, n: int = 2, rank: int = 4, scale: float = 0.1):
     from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
     from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder
     from fewshot_personalize.kernels.backends.diffusers.adapters import adapter_modules
-    from fewshot_personalize.kernels.backends.diffusers.fusion import Concept
+    from fewshot_personalize.kernels.formats.concept_file import Concept
 
     layers = DiffusersDenoiser(pipe).cross_attention_layers()
     width = DiffusersTextEncoder(pipe).encoders[0].width

@@ -19,7 +19,7 @@ from .test_nodes import encode  # noqa: E402
 PROMPT = "a photo of <sks> on the beach"
 
 
-def _write_edlora(pipe, family, path, layers=None, seed=0):
+def _write_edlora(pipe, family, path, layers=None, seed=0, token="<sks>", same_lora_seed=None):
     from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
     from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder
     from fewshot_personalize.kernels.backends.diffusers.adapters import adapter_modules
@@ -27,7 +27,7 @@ def _write_edlora(pipe, family, path, layers=None, seed=0):
     from fewshot_personalize.kernels.formats.lora_file import lora_metadata, lora_tensors
     from fewshot_personalize.kernels.formats.safetensors_io import atomic_save
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if same_lora_seed is None else same_lora_seed)
     lora = {}
     for prefix, root in adapter_modules(pipe).items():
         targets = ("to_q", "to_k", "to_v", "to_out.0") if prefix == "lora_unet_" else ("q_proj", "v_proj")
@@ -37,8 +37,9 @@ def _write_edlora(pipe, family, path, layers=None, seed=0):
             lora[prefix + p.replace(".", "_")] = LoraWeights(torch.randn(2, m.in_features, generator=g) * 0.1,
                                                              torch.randn(m.out_features, 2, generator=g) * 0.1, 2.0)
     layers = layers or DiffusersDenoiser(pipe).cross_attention_layers()
+    g = torch.Generator().manual_seed(seed + 1000) if same_lora_seed is not None else g
     vectors = {e.name: torch.randn(layers, 2, e.width, generator=g) * 0.05 for e in DiffusersTextEncoder(pipe).encoders}
-    meta = edlora_metadata(lora_metadata(family=family, method="ed-lora", rank=2, alpha=2.0, steps=1), "<sks>", vectors)
+    meta = edlora_metadata(lora_metadata(family=family, method="ed-lora", rank=2, alpha=2.0, steps=1), token, vectors)
     atomic_save(edlora_tensors(lora_tensors(lora), vectors), path, meta)
 
 

@@ -80,7 +80,8 @@ def test_entrypoint_lists_nodes():
     assert ids == {"FSP_TrainConcept", "FSP_TrainTextualInversion", "FSP_TrainCatVersion", "FSP_TrainPivotal", "FSP_SaveAdapter",
                    "FSP_ApplyAdapter", "FSP_SaveEmbedding", "FSP_SaveCatVersion", "FSP_LoadCatVersion",
                    "FSP_LoadDemoModel", "FSP_LoadDemoConcept", "FSP_LoadImageFolder", "FSP_EvaluateConcept",
-                   "FSP_Augmentation", "FSP_AugmentationPreview", "FSP_ApplyLayerwiseConcepts"}
+                   "FSP_Augmentation", "FSP_AugmentationPreview", "FSP_ApplyLayerwiseConcepts", "FSP_TrainEdLora",
+                   "FSP_SaveConcept", "FSP_LoadConcept", "FSP_FuseConcepts"}
     for n in nodes:
         s = n.define_schema()
         assert s.category.startswith("fewshot/")

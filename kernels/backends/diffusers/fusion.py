@@ -19,26 +19,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from ...adapters.lora import LoraWeights
 from ...core.errors import UserInputError
-from ...formats.edlora_file import parse_edlora
-from ...formats.embedding_file import parse_embedding, split_bundled
-from ...formats.lora_file import from_kohya, parse_lora_tensors
-from ...formats.metadata import check_family
+from ...formats.lora_file import from_kohya
 from ...formats.safetensors_io import load_safetensors
-from ...multi_concept.fusion import FusionSums, GramAccumulator, low_rank_difference
-from .adapters import PipelineAdapters, adapter_kind, adapter_modules, unbundle
+from ...formats.concept_file import Concept, check_distinct_tokens, concept_from_tensors
+from ...multi_concept.fusion import FusionSums, low_rank_difference, record_grams
+from .adapters import PipelineAdapters, adapter_modules
 from .denoiser import DiffusersDenoiser
 from .generate import generate_images
 
 FUSIONS = ("gradient", "sum", "average")
-#: prompts a token concept is recorded on (Mix-of-Show's text-encoder fusion uses "photo of a {c}" and "{c}")
-TOKEN_TEMPLATES = ("a photo of a {}", "{}")
 
 #: ``progress(stage, done, total)``; raising from it cancels the fusion (the pipeline is left as it was)
 Progress = Callable[[str, int, int], None]
@@ -46,49 +41,13 @@ Progress = Callable[[str, int, int], None]
 Tap = Callable[[str, int, torch.Tensor], None]
 
 
-@dataclass
-class Concept:
-    """One concept to fuse: its LoRA (kohya names), its tokens ({token: {encoder: [n, w] or [layers, n, w]}}) and
-    the prompts its activations are recorded on."""
-
-    source: str
-    lora: dict[str, LoraWeights]
-    tokens: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    prompts: list[str] = field(default_factory=list)
-
-
 def load_concept(pipe, path: str | os.PathLike, prompt: str | None = None) -> Concept:
-    """A concept from an ED-LoRA, DreamBooth-LoRA or pivotal file. ``prompt``: what to record it on (default: the
-    token in Mix-of-Show's templates, else the file's instance prompt)."""
-    source = str(path)
+    """A concept from an ED-LoRA, DreamBooth-LoRA or pivotal file (:func:`...formats.concept_file.concept_from_tensors`)."""
     tensors, meta = load_safetensors(path)
     adapters = PipelineAdapters(pipe)
-    check_family(meta, adapters.family, source)
-    kind = adapter_kind(tensors, meta)
-    tokens: dict[str, dict[str, torch.Tensor]] = {}
-    if kind == "ed-lora":
-        layers = DiffusersDenoiser(pipe).cross_attention_layers()
-        lora_t, vectors, token = parse_edlora(tensors, meta, adapters.encoder_widths(), layers, adapters.family, source)
-        tokens[token] = vectors
-    elif kind == "lora":
-        lora_t, bundles = split_bundled(tensors)
-        for name, parts in bundles.items():
-            vectors = parse_embedding(unbundle(parts, adapters.family), meta, adapters.encoder_widths(),
-                                      adapters.family, source)
-            tokens[meta.get("fsp.token", f"<{name}>")] = vectors
-    else:
-        raise UserInputError(f"{source}: a {kind} file has no LoRA weights to fuse (ED-LoRA, DreamBooth-LoRA or "
-                             "pivotal files can be fused)")
-    if prompt:
-        prompts = [prompt]
-    elif tokens:
-        prompts = [t.format(tok) for tok in tokens for t in TOKEN_TEMPLATES]
-    elif meta.get("fsp.instance_prompt"):
-        prompts = [meta["fsp.instance_prompt"]]
-    else:
-        raise UserInputError(f"{source}: the file records no instance prompt; say what the concept is called "
-                             f"(FILE=PROMPT, e.g. {Path(source).name}=\"a sks dog\")")
-    return Concept(source, parse_lora_tensors(lora_t, source), tokens, prompts)
+    return concept_from_tensors(tensors, meta, family=adapters.family, widths=adapters.encoder_widths(),
+                                layers=DiffusersDenoiser(pipe).cross_attention_layers(), source=str(path),
+                                prompt=prompt)
 
 
 @dataclass
@@ -131,13 +90,7 @@ def fuse_concepts(pipe, concepts: list[Concept], fusion: str = "gradient", *, ri
         raise UserInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     if len(concepts) < 2:
         raise UserInputError(f"fusion needs two or more concepts, got {len(concepts)}")
-    seen: dict[str, str] = {}
-    for c in concepts:
-        for t in c.tokens:
-            if t in seen:
-                raise UserInputError(f"{seen[t]} and {c.source} both use the token {t!r}: concepts need distinct "
-                                     "tokens")
-            seen[t] = c.source
+    check_distinct_tokens(concepts)
     modules = _adapted_modules(pipe, concepts)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
     deltas = [{n: (c.lora[n].delta().reshape(base[n].shape) if n in c.lora else None) for n in modules}
@@ -198,23 +151,9 @@ def _fuse_group(stage: str, group: dict[str, torch.nn.Linear], base, deltas, con
         for n, m in group.items():
             d = deltas[i][n]
             _set(m, base[n] if d is None else base[n] + d.to(base[n].device, base[n].dtype))
-        grams = {n: GramAccumulator() for n in group}
-
-        def hook(module, args, n, i=i):
-            grams[n].add(args[0].detach())
-            if tap is not None:
-                tap(n, i, args[0].detach())
-
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in group.items()]
-        try:
-            with torch.no_grad():
-                record(c)
-        finally:
-            for h in hooks:
-                h.remove()
+        grams = record_grams(group, lambda: record(c), tap=None if tap is None else (lambda n, x, i=i: tap(n, i, x)),
+                             what=f"the {stage} recorded {c.source}")
         for n in group:
-            if grams[n].count == 0:
-                raise UserInputError(f"{stage} layer {n} saw no input while recording {c.source}")
             d = deltas[i][n]
             sums[n].add(torch.zeros_like(base[n], dtype=torch.float64) if d is None else d, grams[n])
     report(stage, len(concepts), len(concepts))
