@@ -12,6 +12,7 @@ from .demo_loader import LoadDemoModel
 from .evaluate import EvaluateConcept, register_folder as register_eval_folder
 from .fuse import FuseConcepts
 from .load_concept import LoadConcept
+from .regional import ApplyRegions, RegionPromptNode
 from .save_adapter import SaveAdapter
 from .save_concept import SaveConcept
 from .save_embedding import SaveEmbedding
@@ -31,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     SaveAdapter, ApplyAdapter, ApplyLayerwiseConcepts, SaveEmbedding, SaveCatVersion, LoadCatVersion,  # fewshot/adapter
     FuseConcepts, SaveConcept,  # fewshot/adapter
     LoadDemoModel, LoadDemoConcept, LoadImageFolder, LoadConcept,  # fewshot/loaders
+    RegionPromptNode, ApplyRegions,  # fewshot/sampling
     EvaluateConcept,  # fewshot/evaluate
 ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fewshot_personalize.kernels.adapters.layerwise_context import layer_context, stack_layer_contexts
 from fewshot_personalize.kernels.core.errors import UserInputError
 from fewshot_personalize.kernels.multi_concept.regions import (
     Region,
@@ -323,3 +324,46 @@ def test_malformed_region_text_is_refused(text, match):
     with pytest.raises(UserInputError, match=match) as err:
         parse_region(text)
     assert "--region" in str(err.value)
+
+
+# --- layer-wise (ED-LoRA) contexts of several parts: the global and region prompts stacked one after another ------
+
+def _stacked_parts(parts, layers, tokens, batch=2, d=3, seed=0):
+    """(per part [layers, B, L, D], their stacked contexts concatenated [B, parts·layers·L, D])."""
+    g = torch.Generator().manual_seed(seed)
+    per_part = [torch.randn(layers, batch, tokens, d, generator=g) for _ in range(parts)]
+    return per_part, torch.cat([stack_layer_contexts(p) for p in per_part], dim=1)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_layer_context_gives_every_parts_slice_of_the_layer_in_order(parts):
+    layers, tokens = 4, 5
+    per_part, context = _stacked_parts(parts, layers, tokens)
+    for layer in range(layers):
+        out = layer_context(context, layer, layers, tokens)
+        assert out.shape == (2, parts * tokens, 3)
+        assert torch.equal(out, torch.cat([p[layer] for p in per_part], dim=1))
+
+
+def test_layer_context_of_one_part_is_the_plain_slice():
+    per_part, context = _stacked_parts(1, 3, 4)
+    out = layer_context(context, 2, 3, 4)
+    assert torch.equal(out, per_part[0][2]) and out.data_ptr() == context[:, 8:].data_ptr()  # a view, as before
+
+
+def test_layer_context_of_a_repeated_stack_slices_each_copy():
+    """ComfyUI pads a context to a common length by repeating it whole: every copy gives the same layer slice."""
+    per_part, context = _stacked_parts(1, 3, 4)
+    out = layer_context(context.repeat(1, 2, 1), 1, 3, 4)
+    assert torch.equal(out, per_part[0][1].repeat(1, 2, 1))
+
+
+@pytest.mark.parametrize("length", [4, 8, 13, 4 * 3 + 4, 0])
+def test_layer_context_passes_other_lengths_unchanged(length):
+    context = torch.randn(1, length, 3)
+    assert layer_context(context, 1, 3, 4) is context  # not a multiple of layers·tokens (or empty)
+
+
+def test_layer_context_of_one_layer_passes_everything():
+    context = torch.randn(1, 8, 3)
+    assert layer_context(context, 0, 1, 4) is context

@@ -49,6 +49,7 @@ def layerwise_context_patch(order: list[tuple[str, int, int]], tokens: int = TOK
             return n, context, value
         return n, layer_context(context, i, layers, tokens), layer_context(value, i, layers, tokens)
 
+    patch.fsp_layerwise_routing = True  # found by Apply regional sampling
     return patch
 
 

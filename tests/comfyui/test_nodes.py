@@ -81,7 +81,7 @@ def test_entrypoint_lists_nodes():
                    "FSP_ApplyAdapter", "FSP_SaveEmbedding", "FSP_SaveCatVersion", "FSP_LoadCatVersion",
                    "FSP_LoadDemoModel", "FSP_LoadDemoConcept", "FSP_LoadImageFolder", "FSP_EvaluateConcept",
                    "FSP_Augmentation", "FSP_AugmentationPreview", "FSP_ApplyLayerwiseConcepts", "FSP_TrainEdLora",
-                   "FSP_SaveConcept", "FSP_LoadConcept", "FSP_FuseConcepts"}
+                   "FSP_SaveConcept", "FSP_LoadConcept", "FSP_FuseConcepts", "FSP_Region", "FSP_ApplyRegions"}
     for n in nodes:
         s = n.define_schema()
         assert s.category.startswith("fewshot/")
