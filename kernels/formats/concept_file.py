@@ -43,7 +43,9 @@ def _unbundle(parts: dict[str, torch.Tensor], family: str) -> dict[str, torch.Te
 def concept_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], *, family: str,
                          widths: dict[str, int], layers: int, source: str, prompt: str | None = None) -> Concept:
     """A concept from an ED-LoRA, DreamBooth-LoRA or pivotal file's tensors and metadata. ``prompt``: what to
-    record it on (default: each token in Mix-of-Show's templates, else the file's instance prompt)."""
+    record it on (default: the caption it was trained on and its token alone, when the file records a caption with
+    the token; else each token in Mix-of-Show's templates ("a photo of a <t>", "<t>"); else the file's instance
+    prompt)."""
     check_family(meta, family, source)
     tokens: dict[str, dict[str, torch.Tensor]] = {}
     if is_fused(meta):
@@ -60,8 +62,11 @@ def concept_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str],
         raise UserInputError(f"{source} has no LoRA weights to fuse (ED-LoRA, DreamBooth-LoRA or pivotal files can "
                              "be fused)")
     prompt = (prompt or "").strip()
+    trained_on = meta.get("fsp.instance_prompt", "")
     if prompt:
         prompts = [prompt]
+    elif tokens and any(tok in trained_on for tok in tokens):  # its own caption (a vocabulary it knows), and the token
+        prompts = [trained_on, *tokens]
     elif tokens:
         prompts = [t.format(tok) for tok in tokens for t in TOKEN_TEMPLATES]
     elif meta.get("fsp.instance_prompt"):
