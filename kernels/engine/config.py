@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from ..augment.settings import AugmentSettings
@@ -56,15 +57,17 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.prior_weight >= 0, f"prior weight must be ≥ 0, got {self.prior_weight}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr}"),
+            (math.isfinite(self.prior_weight) and self.prior_weight >= 0,
+             f"prior weight must be a number ≥ 0, got {self.prior_weight}"),
             (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
             (0 <= self.warmup_steps, f"warmup steps must be ≥ 0, got {self.warmup_steps}"),
             (0.0 <= self.random_flip <= 1.0, f"flip probability must be in [0, 1], got {self.random_flip}"),
             (0.0 <= self.background_loss_weight <= 1.0,
              f"background loss weight must be in [0, 1], got {self.background_loss_weight}"),
             (self.resolution >= 8 and self.resolution % 8 == 0, f"resolution must be a multiple of 8, got {self.resolution}"),
-            (self.snr_gamma is None or self.snr_gamma > 0, f"min-SNR gamma must be positive, got {self.snr_gamma}"),
+            (self.snr_gamma is None or (math.isfinite(self.snr_gamma) and self.snr_gamma > 0),
+             f"min-SNR gamma must be a positive number, got {self.snr_gamma}"),
             (self.checkpoint_every >= 0, f"checkpoint interval must be ≥ 0, got {self.checkpoint_every}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
         ]

@@ -4,6 +4,7 @@ adds class-prior preservation (eq. 2) when class images are given."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..adapters.lora import (TEXT_TARGETS, UNET_TARGETS, LoraWeights, attach_lora, check_rank, detach_lora,
@@ -29,8 +30,8 @@ class LoraSettings:
         self.unet_targets, self.text_targets = tuple(self.unet_targets), tuple(self.text_targets)
         if self.rank < 1:
             raise UserInputError(f"rank must be at least 1, got {self.rank}")
-        if self.text_lr is not None and self.text_lr <= 0:
-            raise UserInputError(f"text-encoder learning rate must be positive, got {self.text_lr}")
+        if self.text_lr is not None and not (math.isfinite(self.text_lr) and self.text_lr > 0):
+            raise UserInputError(f"text-encoder learning rate must be a positive number, got {self.text_lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserInputError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.unet_targets:

@@ -10,6 +10,7 @@ each cross-attention layer reads its own context (:mod:`..adapters.layerwise_con
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +39,8 @@ class EdLoraSettings:
     def __post_init__(self):
         if not self.token or self.token != self.token.strip() or " " in self.token:
             raise UserInputError(f"the placeholder token must be one word without spaces, got {self.token!r}")
-        if self.embedding_lr <= 0:
-            raise UserInputError(f"the embedding learning rate must be positive, got {self.embedding_lr}")
+        if not (math.isfinite(self.embedding_lr) and self.embedding_lr > 0):
+            raise UserInputError(f"the embedding learning rate must be a positive number, got {self.embedding_lr}")
         if not self.lora.train_text_encoder:
             raise UserInputError("ED-LoRA adapts the text encoder too (its LoRA is part of the method)")
 

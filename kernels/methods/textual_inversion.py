@@ -4,6 +4,7 @@ each text encoder gets its own vectors (clip_l and clip_g)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ class TextualInversionSettings:
             raise UserInputError(f"the placeholder token must be one word without spaces, got {self.token!r}")
         if self.init_word is not None and not self.init_word.strip():
             raise UserInputError("--init-word is empty")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserInputError(f"the embedding learning rate must be a positive number, got {self.lr}")
 
 
 def check_placeholder(text_encoder: TextEncoder, token: str) -> None:

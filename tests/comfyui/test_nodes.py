@@ -303,3 +303,15 @@ def test_images_of_different_sizes_and_mask_of_wrong_size_are_resized(tiny_objec
 def test_prior_preservation_with_class_images(tiny_objects, loras_dir):
     out = train(tiny_objects, steps=2, class_images=images(2, seed=5), class_prompt="a photo of a toy", prior_weight=1.0)
     assert out[2].metadata["fsp.class_prompt"] == "a photo of a toy"
+
+
+def test_comfyuis_own_parser_reads_the_registry_metadata():
+    from pathlib import Path
+
+    from comfy_config import config_parser
+
+    cfg = config_parser.extract_node_configuration(str(Path(__file__).resolve().parents[2]))
+    assert cfg.tool_comfy.publisher_id == "fewshot-personalize"
+    assert cfg.project.supported_comfyui_version.startswith(">=")
+    assert "GPU :: NVIDIA CUDA" in cfg.project.supported_accelerators  # [] when any accelerator classifier is invalid
+    assert cfg.project.supported_os == ["OS Independent"]
