@@ -28,6 +28,14 @@ def instance_draw(cfg, n_images: int, step: int, micro: int, gen: torch.Generato
     return idx, [cfg.instance_prompts[int(r)] for r in rows]
 
 
+def _rows(v: Views, keep: slice) -> Views:
+    """Rows ``keep`` of a batch of views."""
+    def part(t):
+        return None if t is None else t[keep]
+    return Views(v.pixels[keep], part(v.masks), v.valid[keep], v.captions[keep], part(v.scales), part(v.rescaled),
+                 part(v.replaced))
+
+
 def _pick(views: list[Views], which: torch.Tensor, idx: torch.Tensor) -> Views:
     """Views of photos ``idx`` taken from pool entries ``which``."""
     def stack(name):
@@ -98,19 +106,22 @@ class AugmentedInstances:
         v.captions = out_captions
         return v
 
-    def sample(self, idx: torch.Tensor, captions: list[str], step: int, micro: int
+    def sample(self, idx: torch.Tensor, captions: list[str], step: int, micro: int, keep: slice = slice(None)
                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(latents [B,C,h,w], loss weights [B,1,h,w], captions) of the photos ``idx`` with base ``captions``."""
+        """(latents [B,C,h,w], loss weights [B,1,h,w], captions) of the photos ``idx`` with base ``captions``.
+        ``keep``: the rows wanted (one process's shard of a global batch, engine/distributed.py); every draw is made
+        for all rows, so the rows kept are those of the whole batch, but only they are encoded."""
         gen = augment_generator(self.cfg.seed, step, micro)
         if self.pool is None:
             v = self._fresh(idx, captions, gen)
-            mean, std, weight = self._encoded(v)
+            mean, std, weight = self._encoded(v if keep == slice(None) else _rows(v, keep))
             out_captions = v.captions
         else:
             which, out_captions = self._pool_pick(idx, captions, gen)
-            mean, std, weight = (torch.stack([self.pool[int(k)][key][int(i)] for k, i in zip(which, idx)])
+            mean, std, weight = (torch.stack([self.pool[int(k)][key][int(i)] for k, i in zip(which[keep], idx[keep])])
                                  for key in ("mean", "std", "weight"))
-        return mean + std * torch.randn(mean.shape, generator=gen), weight, out_captions
+        noise = torch.randn((idx.shape[0],) + tuple(mean.shape[1:]), generator=gen)[keep]
+        return mean + std * noise, weight, out_captions[keep]
 
 
 def training_views(data: TrainData, cfg, count: int) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, str]]:

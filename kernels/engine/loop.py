@@ -4,7 +4,9 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` instance sam
 with prior preservation, DreamBooth eq. 2). Each instance sample gets one of the instance prompts (drawn per
 sample when there are several: caption templates). The loop owns steps, accumulation, the learning-rate
 schedule, min-SNR weighting, augmentation draws (engine/augmented.py), checkpoints, resume, cancel and NaN
-handling; the method owns what is trained.
+handling; the method owns what is trained. Under ``accelerate launch`` (engine/distributed.py) ``batch_size`` stays the
+global batch: each process trains its shard of every micro-batch, gradients are averaged over the processes before
+the step, and only the main process writes checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, fingerprint
 from .augmented import AugmentedInstances, instance_draw
 from .data import LatentCache, TrainData, encode, epoch_indices, step_generator
+from .distributed import SINGLE, Processes
 from .method import Artifact, Method, ParamGroup
 from .seams import Conditioning, Denoiser, TextEncoder
 
@@ -50,12 +53,17 @@ class TrainResult:
 
 class Trainer:
     """Trains one method on a denoiser + text encoder. The method stays attached after :meth:`train` (sample
-    with it in memory); :meth:`close` (or leaving a ``with Trainer(...)`` block) detaches it."""
+    with it in memory); :meth:`close` (or leaving a ``with Trainer(...)`` block) detaches it.
+
+    ``processes``: the processes training together (engine/distributed.py ``launched()``); one by default."""
 
     def __init__(self, denoiser: Denoiser, text_encoder: TextEncoder, method: Method, data: TrainData,
-                 cfg: TrainConfig, device: str | torch.device = "cpu"):
+                 cfg: TrainConfig, device: str | torch.device = "cpu", processes: Processes = SINGLE):
         self.denoiser, self.text_encoder, self.method, self.data, self.cfg = denoiser, text_encoder, method, data, cfg
         self.device = torch.device(device)
+        self.processes = processes
+        #: this process's rows of each global micro-batch (all of them in one process)
+        self.shard = processes.rows(cfg.batch_size)
         self.compute_dtype = pick_dtype(self.device, cfg.dtype)
         self.use_prior = data.class_images is not None and cfg.class_prompt is not None and cfg.prior_weight > 0
         if data.class_images is not None and cfg.class_prompt is None:
@@ -177,42 +185,49 @@ class Trainer:
         return Conditioning.cat([self.caption_cond[c] for c in captions])
 
     def _micro_batch_loss(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of this process's shard of micro-batch ``micro`` of step ``step``. Every draw is made for the whole
+        global batch (so the samples do not depend on the number of processes); ``mine`` are this process's rows of
+        the instance half and of the class half (all rows in one process), ``keep`` the same rows of the whole."""
         cfg = self.cfg
         gen = step_generator(cfg.seed, step, micro)
         bs = cfg.batch_size
+        mine = self.shard
         pos = (step * cfg.grad_accum + micro) * bs
         idx = epoch_indices(self.data.instance.shape[0], bs, pos, cfg.seed)
         n_inst = len(cfg.instance_prompts)
         captions = None
         if self.augmented is not None:
             idx, base = instance_draw(cfg, self.data.instance.shape[0], step, micro, gen)
-            views, weight, captions = self.augmented.sample(idx, base, step, micro)
+            views, weight, captions = self.augmented.sample(idx, base, step, micro, keep=mine)
             latents, masks = [views], [weight]
         else:
             flipped = torch.rand(bs, generator=gen) < cfg.random_flip
-            latents = [self.instance_latents.sample(idx, flipped, gen)]
+            latents = [self.instance_latents.sample(idx, flipped, gen)[mine]]
             masks = None
             if self.masks is not None:
                 m = self.masks[idx].clone()
                 m[flipped] = m[flipped].flip(-1)
-                masks = [m + cfg.background_loss_weight * (1 - m)]
+                masks = [(m + cfg.background_loss_weight * (1 - m))[mine]]
         if self.use_prior:
             cidx = epoch_indices(self.data.class_images.shape[0], bs, pos, cfg.seed + 1)
             cflip = torch.rand(bs, generator=gen) < cfg.random_flip
-            latents.append(self.class_latents.sample(cidx, cflip, gen))
+            latents.append(self.class_latents.sample(cidx, cflip, gen)[mine])
             if masks is not None:
                 masks.append(torch.ones_like(masks[0]))
         x0 = torch.cat(latents)
-        n = x0.shape[0]
-        is_prior = torch.arange(n) >= bs
-        noise = offset_noise(tuple(x0.shape), gen, cfg.noise_offset)
-        t = torch.randint(0, self.denoiser.schedule.num_timesteps, (n,), generator=gen)
+        n = x0.shape[0]  # samples trained here
+        local = latents[0].shape[0]
+        n_global = bs * len(latents)
+        keep = torch.arange(n_global).view(len(latents), bs)[:, mine].flatten()
+        is_prior = torch.arange(n) >= local
+        noise = offset_noise((n_global,) + tuple(x0.shape[1:]), gen, cfg.noise_offset)[keep]
+        t = torch.randint(0, self.denoiser.schedule.num_timesteps, (n_global,), generator=gen)[keep]
         if captions is not None:
-            cond = self._caption_conditioning(captions + [cfg.class_prompt] * (n - bs))
+            cond = self._caption_conditioning(captions + [cfg.class_prompt] * (n - local))
         else:
-            rows = torch.full((n,), n_inst, dtype=torch.long)  # class-prompt row for prior samples
+            rows = torch.full((n_global,), n_inst, dtype=torch.long)  # class-prompt row for prior samples
             rows[:bs] = torch.randint(0, n_inst, (bs,), generator=gen) if n_inst > 1 else 0
-            cond = self._conditioning(rows)
+            cond = self._conditioning(rows[keep])
 
         dev = self.device
         x0, noise, t_dev = x0.to(dev), noise.to(dev), t.to(dev)
@@ -232,8 +247,10 @@ class Trainer:
               checkpoint_path: str | None = None, resume: bool = False) -> TrainResult:
         """Run until ``cfg.steps``. ``on_step(step, total, loss)`` is called after every optimizer step (it may
         raise to cancel). Checkpoints go to ``checkpoint_path`` every ``cfg.checkpoint_every`` steps, on
-        Ctrl-C / cancel, and before stopping on a NaN/inf loss."""
+        Ctrl-C / cancel, and before stopping on a NaN/inf loss (written by the main process; under several processes
+        the others wait for the periodic ones, and every process reads the checkpoint to resume)."""
         cfg = self.cfg
+        procs = self.processes
         if resume:
             if not checkpoint_path:
                 raise UserInputError("--resume needs a checkpoint path")
@@ -244,25 +261,38 @@ class Trainer:
                 log.info("resumed from %s at step %d", checkpoint_path, self.step)
             else:
                 log.info("no checkpoint at %s: starting from step 0", checkpoint_path)
+        procs.agree(self.step, "the step to resume from")  # no-op in one process
+        procs.same_parameters(self.params.values())
         self.method.set_training(True)
         start = time.perf_counter()
 
-        def checkpoint() -> str | None:
-            if checkpoint_path is None:
-                return None
+        def save() -> str:
             return save_checkpoint(checkpoint_path, step=self.step, params=self.params, optimizer=self.optimizer,
                                    scheduler=self.scheduler, losses=self.losses, fingerprint=self.fingerprint)
+
+        def checkpoint(together: bool = False) -> str | None:
+            """Write the state (main process). ``together``: every process is here (periodic, NaN), so the others
+            wait until it is on disk; else (Ctrl-C, cancel) nobody waits for anybody."""
+            if checkpoint_path is None:
+                return None
+            if together:
+                procs.on_main(save, f"writing the checkpoint {checkpoint_path}")
+            elif procs.is_main:
+                save()
+            return str(checkpoint_path)
 
         try:
             while self.step < cfg.steps:
                 step_loss = 0.0
                 for micro in range(cfg.grad_accum):
                     loss, _ = self._micro_batch_loss(self.step, micro)
-                    if not torch.isfinite(loss):
+                    value = procs.mean(loss)  # the global batch's loss: a NaN on any process stops them all
+                    if not torch.isfinite(value):
                         self.optimizer.zero_grad(set_to_none=True)
-                        raise TrainingDiverged(self.step, loss.item(), checkpoint())
-                    (loss / cfg.grad_accum).backward()
-                    step_loss += loss.item() / cfg.grad_accum
+                        raise TrainingDiverged(self.step, value.item(), checkpoint(together=True))
+                    procs.backward(loss / cfg.grad_accum)
+                    step_loss += value.item() / cfg.grad_accum
+                procs.average_gradients(self.params.values())
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -271,7 +301,7 @@ class Trainer:
                 self.step += 1
                 self.losses.append(step_loss)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    checkpoint()
+                    checkpoint(together=True)
                 if on_step is not None:
                     on_step(self.step, cfg.steps, step_loss)
         except KeyboardInterrupt:

@@ -25,16 +25,19 @@ def count_images(folder: Path) -> int:
 
 def ensure_class_images(pipe, class_prompt: str, folder: str | os.PathLike, num: int, *, seed: int = 0,
                         steps: int = 25, resolution: int | None = None, guidance: float = 7.5,
-                        on_image: Callable[[int, int], None] | None = None) -> Path:
-    """Make sure ``folder`` holds at least ``num`` class images, generating only the missing ones."""
+                        on_image: Callable[[int, int], None] | None = None, have: int | None = None,
+                        part: tuple[int, int] = (0, 1)) -> Path:
+    """Make sure ``folder`` holds at least ``num`` class images, generating only the missing ones. Each image has
+    its own seed, so several processes can share the work: ``part=(k, n)`` makes the k-th of every n missing images,
+    given the count ``have`` that all of them saw before any started."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = count_images(folder)
-    missing = max(0, num - have)
-    for i in range(missing):
-        im = generate_images(pipe, class_prompt, n=1, steps=steps, seed=seed + 100_000 + have + i,
+    have = count_images(folder) if have is None else have
+    mine = list(range(have, max(have, num)))[part[0]::part[1]]
+    for done, i in enumerate(mine, 1):
+        im = generate_images(pipe, class_prompt, n=1, steps=steps, seed=seed + 100_000 + i,
                              guidance=guidance, resolution=resolution)
-        save_images(im, folder, prefix=f"class_{have + i:04d}_")
+        save_images(im, folder, prefix=f"class_{i:04d}_")
         if on_image is not None:
-            on_image(i + 1, missing)
+            on_image(done, len(mine))
     return folder
