@@ -23,13 +23,13 @@ from comfy_api.latest import io
 
 from ...kernels.adapters.lora import LoraWeights
 from ...kernels.core.errors import UserInputError
-from ...kernels.formats.fused_file import check_token_vectors, fused_metadata, fused_tensors
+from ...kernels.formats.fused_file import fused_metadata, fused_tensors
 from ...kernels.formats.lora_file import lora_metadata, lora_tensors
 from ...kernels.formats.concept_file import Concept, check_distinct_tokens, concept_from_tensors
 from ...kernels.multi_concept.fusion import FusionSums, low_rank_difference, record_grams
 from .adapter import Adapter, apply_adapter
 from .families import clip_family, model_family
-from .layerwise import cross_attention_order, layerwise_clip, layerwise_context_patch
+from .layerwise import cross_attention_order, layerwise_vectors, with_tokens
 from .text_encoder import ComfyTextEncoder
 
 log = logging.getLogger(__name__)
@@ -103,26 +103,6 @@ def _layers(model, clip, concepts: list[Concept]) -> dict[str, _Layer]:
     return out
 
 
-def _layerwise(tokens: dict[str, dict[str, torch.Tensor]], widths: dict[str, int], layers: int, source: str):
-    """Every token's vectors as [layers, n, w] (shared [n, w] vectors repeated), checked against the model."""
-    out = {}
-    for token, per_encoder in tokens.items():
-        check_token_vectors(token, per_encoder, widths, layers, source)
-        out[token] = {n: v if v.dim() == 3 else v.unsqueeze(0).repeat(layers, 1, 1)
-                      for n, v in per_encoder.items() if n in widths}
-    return out
-
-
-def with_tokens(model, clip, family: str, tokens: dict[str, dict[str, torch.Tensor]], order):
-    """(MODEL, CLIP) with layer-wise tokens on the CLIP and the per-layer context routing on the MODEL (clones; as
-    given when there are no tokens)."""
-    if not tokens:
-        return model, clip
-    m = model.clone()
-    m.set_model_attn2_patch(layerwise_context_patch(order))
-    return m, layerwise_clip(clip, family, tokens)
-
-
 def fuse_on_comfy(model, clip, sources: list[ConceptFile], fusion: str = "gradient", *, latent: torch.Tensor,
                   samples: int = 2, sample_steps: int = 20, cfg: float = 7.5, seed: int = 0, ridge: float = 1e-4,
                   rank: int = 0, progress: Progress | None = None, tap: Tap | None = None) -> Fused:
@@ -137,7 +117,7 @@ def fuse_on_comfy(model, clip, sources: list[ConceptFile], fusion: str = "gradie
     concepts = [to_concept(s, family, widths, n_layers) for s in sources]
     check_distinct_tokens(concepts)
     layers = _layers(model, clip, concepts)
-    tokens = {t: v for c in concepts for t, v in _layerwise(c.tokens, widths, n_layers, c.source).items()}
+    tokens = {t: v for c in concepts for t, v in layerwise_vectors(c.tokens, widths, n_layers, c.source).items()}
     deltas = [{n: (c.lora[n].delta().float() if n in c.lora else None) for n in layers} for c in concepts]
     report = progress or (lambda *a: None)
 

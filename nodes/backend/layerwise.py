@@ -129,7 +129,7 @@ def apply_layerwise_file(model, clip, tensors: dict[str, torch.Tensor], meta: di
     CLIP, the per-layer context routing on the MODEL. Refuses other kinds, families and layer counts, naming both."""
     from ...kernels.core.errors import UserInputError
     from ...kernels.formats.edlora_file import is_edlora, parse_edlora
-    from ...kernels.formats.fused_file import check_token_vectors, is_fused, parse_fused
+    from ...kernels.formats.fused_file import is_fused, parse_fused
     from .adapter import adapter_from_file_tensors, apply_adapter
     from .families import clip_family, model_family
 
@@ -147,14 +147,31 @@ def apply_layerwise_file(model, clip, tensors: dict[str, torch.Tensor], meta: di
     else:
         raise UserInputError(f"{source} is neither an ED-LoRA nor a fused-concepts file (use Apply adapter or the "
                              "stock LoraLoader for plain LoRAs)")
-    layerwise = {}  # shared [n, w] vectors become the same vectors in every layer
-    for token, per_encoder in tokens.items():
-        check_token_vectors(token, per_encoder, widths, len(order), source)
-        layerwise[token] = {name: v if v.dim() == 3 else v.unsqueeze(0).repeat(len(order), 1, 1)
-                            for name, v in per_encoder.items() if name in widths}
+    vectors = layerwise_vectors(tokens, widths, len(order), source)  # checked before any patching
     m, c = apply_adapter(model, clip, adapter_from_file_tensors(lora, meta, source), strength_model, strength_clip,
                          family, source)
-    if not layerwise:  # fused DreamBooth-LoRAs: identifier words, no tokens
-        return m, c
+    return with_tokens(m, c, family, vectors, order)
+
+
+def layerwise_vectors(tokens: dict[str, dict[str, torch.Tensor]], widths: dict[str, int], layers: int,
+                      source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every token's vectors as [layers, n, w] (shared [n, w] vectors repeated in every layer), checked against the
+    model (``widths``: {encoder: width})."""
+    from ...kernels.formats.fused_file import check_token_vectors
+
+    out = {}
+    for token, per_encoder in tokens.items():
+        check_token_vectors(token, per_encoder, widths, layers, source)
+        out[token] = {name: v if v.dim() == 3 else v.unsqueeze(0).repeat(layers, 1, 1)
+                      for name, v in per_encoder.items() if name in widths}
+    return out
+
+
+def with_tokens(model, clip, family: str, tokens: dict[str, dict[str, torch.Tensor]], order):
+    """(MODEL, CLIP) with layer-wise tokens on a CLIP clone and the per-layer context routing on a MODEL clone; both
+    as given when there are no tokens (fused DreamBooth-LoRAs: identifier words)."""
+    if not tokens:
+        return model, clip
+    m = model.clone()
     m.set_model_attn2_patch(layerwise_context_patch(order))
-    return m, layerwise_clip(c, family, layerwise)
+    return m, layerwise_clip(clip, family, tokens)
