@@ -6,8 +6,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels.core.errors import UserInputError
 from ..kernels.formats.safetensors_io import load_safetensors
+from .backend.files import check_in_loras, loras_path
 from .backend.layerwise import apply_layerwise_file
 
 
@@ -37,14 +37,9 @@ class ApplyLayerwiseConcepts(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None, **kw):
-        if lora_name is not None and folder_paths.get_full_path("loras", lora_name) is None:
-            return f"file {lora_name!r} is not in models/loras"
-        return True
+        return check_in_loras(lora_name)
 
     @classmethod
     def execute(cls, model, clip, lora_name, strength_model, strength_clip) -> io.NodeOutput:
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            raise UserInputError(f"file {lora_name!r} is not in models/loras")
-        tensors, meta = load_safetensors(path)
+        tensors, meta = load_safetensors(loras_path(lora_name))
         return io.NodeOutput(*apply_layerwise_file(model, clip, tensors, meta, strength_model, strength_clip, lora_name))

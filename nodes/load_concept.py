@@ -6,8 +6,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels.core.errors import UserInputError
 from ..kernels.formats.safetensors_io import load_safetensors
+from .backend.files import check_in_loras, loras_path
 from .backend.fusion import ConceptFile, ConceptSocket
 
 
@@ -32,14 +32,9 @@ class LoadConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None, **kw):
-        if lora_name is not None and folder_paths.get_full_path("loras", lora_name) is None:
-            return f"file {lora_name!r} is not in models/loras"
-        return True
+        return check_in_loras(lora_name)
 
     @classmethod
     def execute(cls, lora_name, prompt) -> io.NodeOutput:
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            raise UserInputError(f"file {lora_name!r} is not in models/loras")
-        tensors, meta = load_safetensors(path)
+        tensors, meta = load_safetensors(loras_path(lora_name))
         return io.NodeOutput(ConceptFile(tensors, meta, lora_name, (prompt or "").strip() or None))

@@ -8,15 +8,14 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..kernels.core.errors import UserInputError
 from ..kernels.engine.captions import TEMPLATE_SETS
 from ..kernels.engine.config import TrainConfig
 from ..kernels.engine.data import TrainData
 from ..kernels.methods import EdLora, EdLoraSettings, LoraSettings
 from .backend.fusion import ConceptFile, ConceptSocket
-from .backend.images import images_to_training, loss_curve_image
+from .backend.images import loss_curve_image
 from .backend.layerwise import apply_layerwise_file
-from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, training_prompts
 
@@ -74,18 +73,14 @@ class TrainEdLora(io.ComfyNode):
                 class_prompt=None, mask=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, resolution, preview_steps = first(token).strip(), first(resolution), first(preview_steps, 20)
-        class_prompt = (first(class_prompt, "") or "").strip()
         method = EdLora(EdLoraSettings(
             token=token, init_word=(first(init_word) or "").strip() or None, embedding_lr=first(embedding_lr),
             lora=LoraSettings(rank=first(rank), train_text_encoder=True, text_lr=first(text_lr))))
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
-        cls_pixels = (images_to_training(class_images, resolution, notes)
-                      if class_images and any(c is not None for c in class_images) else None)
-        if cls_pixels is not None and not class_prompt:
-            raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
+        cls_pixels, class_prompt = class_pixels(class_images, class_prompt, resolution, notes)
         cfg = TrainConfig(instance_prompts=training_prompts(first(templates), first(prompt, ""), token),
-                          class_prompt=class_prompt if cls_pixels is not None else None, steps=first(steps),
+                          class_prompt=class_prompt, steps=first(steps),
                           lr=first(learning_rate), resolution=resolution, batch_size=first(batch_size), seed=first(seed))
         result, artifacts, _ = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg,
                                             augmentation=augmentation, notes=notes)

@@ -9,16 +9,15 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..kernels.core.errors import UserInputError
 from ..kernels.engine.captions import TEMPLATE_SETS
 from ..kernels.engine.config import TrainConfig
 from ..kernels.engine.data import TrainData
 from ..kernels.formats.lora_file import parse_lora_tensors
 from ..kernels.methods import LoraSettings, PivotalSettings, PivotalTuning, TextualInversionSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
-from .backend.images import images_to_training, loss_curve_image
+from .backend.images import loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
-from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, EmbeddingSocket, token_inputs, training_prompts
 
@@ -71,19 +70,15 @@ class TrainPivotal(io.ComfyNode):
                 class_images=None, class_prompt=None, mask=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, resolution, preview_steps = first(token).strip(), first(resolution), first(preview_steps, 20)
-        class_prompt = (first(class_prompt, "") or "").strip()
         method = PivotalTuning(PivotalSettings(
             lora=LoraSettings(rank=first(rank), train_text_encoder=bool(first(train_text_encoder))),
             embedding=TextualInversionSettings(token=token, init_word=(first(init_word) or "").strip() or None,
                                                num_vectors=first(num_vectors), lr=first(embedding_lr))))
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
-        cls_pixels = (images_to_training(class_images, resolution, notes)
-                      if class_images and any(c is not None for c in class_images) else None)
-        if cls_pixels is not None and not class_prompt:
-            raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
+        cls_pixels, class_prompt = class_pixels(class_images, class_prompt, resolution, notes)
         cfg = TrainConfig(instance_prompts=training_prompts(first(templates), first(prompt, ""), token),
-                          class_prompt=class_prompt if cls_pixels is not None else None, steps=first(steps),
+                          class_prompt=class_prompt, steps=first(steps),
                           lr=first(learning_rate), resolution=resolution, batch_size=first(batch_size), seed=first(seed))
         result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg,
                                                  augmentation=augmentation, notes=notes)

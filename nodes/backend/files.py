@@ -51,6 +51,21 @@ def save_model_file(folder: str, name: str, tensors: dict[str, torch.Tensor], me
     return path, listed
 
 
+def loras_path(name: str) -> str:
+    """The full path of a file ComfyUI lists in models/loras (a clear error for any other name)."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise UserInputError(f"file {name!r} is not in models/loras")
+    return path
+
+
+def check_in_loras(name: str | None) -> str | bool:
+    """``validate_inputs`` helper: an error message, or True."""
+    if name is not None and folder_paths.get_full_path("loras", name) is None:
+        return f"file {name!r} is not in models/loras"
+    return True
+
+
 def file_inputs(folder: str, default: str) -> list:
     """The ``filename`` and ``overwrite`` inputs of a save node."""
     return [io.String.Input("filename", default=default,

@@ -132,6 +132,20 @@ def report_outputs(preview_tooltip: str) -> list:
             io.Image.Output(display_name="preview", tooltip=preview_tooltip)]
 
 
+def class_pixels(class_images, class_prompt, resolution: int, notes: list[str]):
+    """(class pixels or None, class prompt or None) of the optional class-image inputs; connected images need a
+    prompt."""
+    from ...kernels.core.errors import UserInputError
+    from .images import images_to_training
+
+    prompt = (first(class_prompt, "") or "").strip()
+    if not class_images or all(c is None for c in class_images):
+        return None, None
+    if not prompt:
+        raise UserInputError("class images are connected but the class prompt is empty (e.g. 'a photo of a toy')")
+    return images_to_training(class_images, resolution, notes), prompt
+
+
 def instance_pixels(images, mask, resolution: int, notes: list[str]):
     """(pixels [N,3,R,R], masks [N,1,R,R] or None) of the node's IMAGE / MASK list inputs."""
     from .images import images_to_training, masks_to_training
