@@ -19,8 +19,8 @@ from ..kernels.methods import DreamBoothLora, LoraSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
 from .backend.augmentation import augmentation_input
 from .backend.images import images_to_training, loss_curve_image
-from .backend.training import (checkpoint_path, report_outputs, first as _first, instance_pixels, preview_or_blank,
-                               run_training, sample_preview, summary)
+from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, checkpointing, first as _first,
+                               instance_pixels, preview_or_blank, report_outputs, run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,7 @@ class TrainConcept(io.ComfyNode):
                                 tooltip="Class prompt of the class images, e.g. 'a photo of a toy' (needed with class images)."),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
                                tooltip="λ of the prior-preservation loss."),
-                io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
-                             tooltip="Save a resumable training checkpoint every N steps (0 = only on Cancel when a name is set)."),
-                io.String.Input("checkpoint_name", default="", optional=True,
-                                tooltip="Name of the checkpoint file in output/fewshot_checkpoints/ (empty = no checkpoints)."),
-                io.Boolean.Input("resume", default=False, optional=True,
-                                 tooltip="Continue from the checkpoint of this name if it exists (same settings needed)."),
+                *checkpoint_inputs(),
                 io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
                              tooltip="Sampling steps of the preview image (0 = no preview)."),
                 augmentation_input(),
@@ -87,12 +82,7 @@ class TrainConcept(io.ComfyNode):
         prompt = _first(instance_prompt)
         if isinstance(prompt, str) and not prompt.strip():
             return "the instance prompt is empty: write one with a rare identifier, e.g. 'a photo of sks toy'"
-        name = _first(checkpoint_name)
-        if isinstance(name, str) and name and (os.sep in name or "/" in name or name.startswith(".")):
-            return f"checkpoint_name {name!r} must be a plain file name"
-        if _first(resume) is True and isinstance(name, str) and not name:
-            return "resume needs a checkpoint_name"
-        return True
+        return check_checkpoint_inputs(checkpoint_name, resume)
 
     @classmethod
     def execute(cls, model, clip, vae, images, instance_prompt, steps, learning_rate, rank, train_text_encoder,
@@ -101,7 +91,6 @@ class TrainConcept(io.ComfyNode):
         model, clip, vae = _first(model), _first(clip), _first(vae)
         instance_prompt, class_prompt = _first(instance_prompt), (_first(class_prompt, "") or "").strip()
         resolution = _first(resolution)
-        name = (_first(checkpoint_name, "") or "").strip()
         preview_steps = _first(preview_steps, 20)
         notes: list[str] = []  # what was done to the inputs, shown in the node's UI text
         pixels, masks = instance_pixels(images, mask, resolution, notes)
@@ -112,15 +101,13 @@ class TrainConcept(io.ComfyNode):
         cfg = TrainConfig(
             instance_prompts=instance_prompt, class_prompt=class_prompt if cls_pixels is not None else None,
             prior_weight=_first(prior_weight, 1.0), steps=_first(steps), lr=_first(learning_rate), resolution=resolution,
-            batch_size=_first(batch_size), seed=_first(seed), checkpoint_every=_first(checkpoint_every, 0) if name else 0,
-            background_loss_weight=0.0)
+            batch_size=_first(batch_size), seed=_first(seed), background_loss_weight=0.0)
         method = DreamBoothLora(LoraSettings(rank=_first(rank), train_text_encoder=bool(_first(train_text_encoder))))
-        ckpt = checkpoint_path(name) if name else None
         data = TrainData(pixels, cls_pixels, masks)
 
         result, artifacts, family = run_training(model, clip, vae, method, data, cfg,
-                                                 augmentation=augmentation, notes=notes, checkpoint=ckpt,
-                                                 resume=bool(_first(resume)))
+                                                 augmentation=augmentation, notes=notes,
+                                                 checkpoints=checkpointing(checkpoint_every, checkpoint_name, resume))
         lora = artifacts["lora"]
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained adapter"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)

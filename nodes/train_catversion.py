@@ -16,7 +16,7 @@ from ..kernels.methods import CatVersion, CatVersionSettings
 from ..kernels.methods.catversion import parse_layer_spec
 from .backend.catversion import apply_catversion
 from .backend.images import loss_curve_image
-from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, checkpointing, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, training_prompts
 
@@ -54,6 +54,7 @@ class TrainCatVersion(io.ComfyNode):
                 io.String.Input("preview_prompt", default="a photo of a {} on the beach", optional=True,
                                 tooltip="Prompt of the preview image ({} = the class word)."),
                 *optional_inputs(),
+                *checkpoint_inputs(),
             ],
             outputs=[
                 io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the K/V tokens: for the positive prompt."),
@@ -64,9 +65,14 @@ class TrainCatVersion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name=None, resume=None, **kw):
+        return check_checkpoint_inputs(checkpoint_name, resume)
+
+    @classmethod
     def execute(cls, model, clip, vae, images, class_word, templates, layers, tokens, steps, learning_rate,
                 resolution, batch_size, seed, prompt=None, preview_prompt=None, mask=None,
-                preview_steps=None, augmentation=None) -> io.NodeOutput:
+                preview_steps=None, augmentation=None,
+                checkpoint_every=None, checkpoint_name=None, resume=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         word, resolution, preview_steps = first(class_word).strip(), first(resolution), first(preview_steps, 20)
         if not word:
@@ -78,7 +84,8 @@ class TrainCatVersion(io.ComfyNode):
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
         result, artifacts, _ = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg,
-                                            augmentation=augmentation, notes=notes)
+                                            augmentation=augmentation, notes=notes,
+                                            checkpoints=checkpointing(checkpoint_every, checkpoint_name, resume))
         kv = artifacts["catversion"]
         out_clip = apply_catversion(clip, kv.tensors, kv.metadata, 1.0, "the trained CatVersion adapter")
 

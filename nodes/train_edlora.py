@@ -15,7 +15,7 @@ from ..kernels.methods import EdLora, EdLoraSettings, LoraSettings
 from .backend.fusion import ConceptFile, ConceptSocket
 from .backend.images import loss_curve_image
 from .backend.layerwise import apply_layerwise_file
-from .backend.training import (class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, checkpointing, class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, training_prompts
 
@@ -58,6 +58,7 @@ class TrainEdLora(io.ComfyNode):
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Class prompt of the class images, e.g. 'a photo of a toy'."),
                 *optional_inputs(),
+                *checkpoint_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the concept's LoRA and per-layer routing."),
@@ -68,9 +69,14 @@ class TrainEdLora(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name=None, resume=None, **kw):
+        return check_checkpoint_inputs(checkpoint_name, resume)
+
+    @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, templates, rank, embedding_lr, text_lr, steps,
                 learning_rate, resolution, batch_size, seed, prompt=None, preview_prompt=None, class_images=None,
-                class_prompt=None, mask=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
+                class_prompt=None, mask=None, preview_steps=None, augmentation=None,
+                checkpoint_every=None, checkpoint_name=None, resume=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, resolution, preview_steps = first(token).strip(), first(resolution), first(preview_steps, 20)
         method = EdLora(EdLoraSettings(
@@ -83,7 +89,8 @@ class TrainEdLora(io.ComfyNode):
                           class_prompt=class_prompt, steps=first(steps),
                           lr=first(learning_rate), resolution=resolution, batch_size=first(batch_size), seed=first(seed))
         result, artifacts, _ = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg,
-                                            augmentation=augmentation, notes=notes)
+                                            augmentation=augmentation, notes=notes,
+                                            checkpoints=checkpointing(checkpoint_every, checkpoint_name, resume))
         art = artifacts["ed-lora"]
         concept = ConceptFile(art.tensors, art.metadata, f"ED-LoRA {token}")
         out_model, out_clip = apply_layerwise_file(model, clip, art.tensors, art.metadata, 1.0, 1.0, concept.source)

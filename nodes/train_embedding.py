@@ -16,7 +16,7 @@ from ..kernels.methods import TextualInversion, TextualInversionSettings
 from .backend.families import model_family
 from .backend.images import loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
-from .backend.training import (first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, checkpointing, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class TrainTextualInversion(io.ComfyNode):
                 io.String.Input("preview_prompt", default="a photo of {} on the beach", optional=True,
                                 tooltip="Prompt of the preview image ({} = the token)."),
                 *optional_inputs(),
+                *checkpoint_inputs(),
             ],
             outputs=[
                 EmbeddingSocket.Output(display_name="embedding", tooltip="The learned vectors, for Save embedding."),
@@ -75,9 +76,14 @@ class TrainTextualInversion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name=None, resume=None, **kw):
+        return check_checkpoint_inputs(checkpoint_name, resume)
+
+    @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, num_vectors, templates, steps, learning_rate,
                 resolution, batch_size, seed, prompt=None, preview_prompt=None, mask=None,
-                preview_steps=None, augmentation=None) -> io.NodeOutput:
+                preview_steps=None, augmentation=None,
+                checkpoint_every=None, checkpoint_name=None, resume=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, init_word, resolution = first(token).strip(), (first(init_word) or "").strip() or None, first(resolution)
         preview_steps = first(preview_steps, 20)
@@ -89,7 +95,8 @@ class TrainTextualInversion(io.ComfyNode):
         notes: list[str] = []
         pixels, masks = instance_pixels(images, mask, resolution, notes)
         result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, None, masks), cfg,
-                                                 augmentation=augmentation, notes=notes)
+                                                 augmentation=augmentation, notes=notes,
+                                            checkpoints=checkpointing(checkpoint_every, checkpoint_name, resume))
         embedding = artifacts["embedding"]
 
         def preview():

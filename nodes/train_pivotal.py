@@ -17,7 +17,7 @@ from ..kernels.methods import LoraSettings, PivotalSettings, PivotalTuning, Text
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
 from .backend.images import loss_curve_image
 from .backend.text_encoder import ComfyTextEncoder
-from .backend.training import (class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
+from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, checkpointing, class_pixels, first, instance_pixels, model_inputs, optional_inputs, preview_or_blank,
                                report_outputs, run_inputs, run_training, sample_preview, summary)
 from .train_embedding import CUSTOM, EmbeddingSocket, token_inputs, training_prompts
 
@@ -54,6 +54,7 @@ class TrainPivotal(io.ComfyNode):
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Class prompt of the class images, e.g. 'a photo of a toy'."),
                 *optional_inputs(),
+                *checkpoint_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied."),
@@ -65,9 +66,14 @@ class TrainPivotal(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name=None, resume=None, **kw):
+        return check_checkpoint_inputs(checkpoint_name, resume)
+
+    @classmethod
     def execute(cls, model, clip, vae, images, token, init_word, num_vectors, templates, rank, train_text_encoder,
                 embedding_lr, steps, learning_rate, resolution, batch_size, seed, prompt=None, preview_prompt=None,
-                class_images=None, class_prompt=None, mask=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
+                class_images=None, class_prompt=None, mask=None, preview_steps=None, augmentation=None,
+                checkpoint_every=None, checkpoint_name=None, resume=None) -> io.NodeOutput:
         model, clip, vae = first(model), first(clip), first(vae)
         token, resolution, preview_steps = first(token).strip(), first(resolution), first(preview_steps, 20)
         method = PivotalTuning(PivotalSettings(
@@ -81,7 +87,8 @@ class TrainPivotal(io.ComfyNode):
                           class_prompt=class_prompt, steps=first(steps),
                           lr=first(learning_rate), resolution=resolution, batch_size=first(batch_size), seed=first(seed))
         result, artifacts, family = run_training(model, clip, vae, method, TrainData(pixels, cls_pixels, masks), cfg,
-                                                 augmentation=augmentation, notes=notes)
+                                                 augmentation=augmentation, notes=notes,
+                                            checkpoints=checkpointing(checkpoint_every, checkpoint_name, resume))
         lora = artifacts["lora"]
         adapter = Adapter(parse_lora_tensors(lora.tensors, "the trained LoRA"), family, lora.metadata)
         out_model, out_clip = apply_adapter(model, clip, adapter, 1.0, 1.0, family)

@@ -1,7 +1,6 @@
 """Augmentation (kernels/augment): views are pure functions of their generator, masks and valid regions travel
 with the photo through every transform, captions say what the view shows, and bad settings are refused."""
 
-import math
 import os
 
 import pytest

@@ -1,7 +1,6 @@
 """Training with augmentation (engine/augmented.py) on tiny models: per-step views and a cached pool, resume stays
 bit-identical, captions reach the text encoder, the valid region weights the loss, every method takes it."""
 
-import os
 
 import pytest
 import torch

@@ -5,10 +5,10 @@ views a training run would see (images, ``NAME_mask.png`` subject masks, ``valid
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..augment.settings import PRESETS, AugmentSettings, preset
+from ..core.atomic_write import atomic_write_text
 from ..core.errors import UserInputError
 
 
@@ -147,9 +147,6 @@ def cmd_augment(a) -> int:
         raise UserInputError(f"{captions} already exists (pass --overwrite to replace it)")
     (out / "valid").mkdir(parents=True, exist_ok=True)
     write_pngs(files, overwrite=a.overwrite)
-    tmp = str(captions) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, captions)
+    atomic_write_text(captions, "\n".join(lines) + "\n")
     print(f"wrote {len(views)} views of {pixels.shape[0]} photos (seed {a.seed}) → {out}")
     return 0

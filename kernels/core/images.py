@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic_write import atomic_write
 from .errors import UserInputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -164,7 +165,5 @@ def write_pngs(images: dict[str, Image.Image], overwrite: bool = False) -> list[
     if clash and not overwrite:
         raise UserInputError(f"{clash[0]} already exists (pass --overwrite to replace it)")
     for p, im in images.items():
-        tmp = p + ".tmp"
-        im.save(tmp, format="PNG")
-        os.replace(tmp, p)
+        atomic_write(p, lambda tmp, im=im: im.save(tmp, format="PNG"))
     return list(images)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import world
-from .world import CONTEXT_PHRASES, Obj, Scene, SIZE_SCALE
+from .world import Obj, Scene, SIZE_SCALE
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -41,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.atomic_write import atomic_write
 from . import world
 from .world import CLASSES, COLOURS, CONTEXTS, SIZES
 
@@ -674,15 +674,7 @@ def _train(out_path: Path, seed: int, minutes: float, steps: int, n_images: int,
             "note": "trained on base-world renders only (no personal concepts); see evaluator.train_evaluator"}
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=meta))
     ev.metadata = meta
     return {"path": str(out_path), "steps": step, "seconds": train_s, "accuracy": acc}
 

@@ -34,7 +34,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from ..core.cache import cache_root
+from ..core.atomic_write import atomic_write_text
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
 from .model import HOLDOUT, MODEL_DIR, RESOLUTION, VAE_CONFIG, build_untrained
@@ -123,9 +123,7 @@ class WorkFolder:
                              "folder or the same settings")
 
     def save(self) -> None:
-        tmp = self.path / "progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress, indent=1))
-        os.replace(tmp, self.path / "progress.json")
+        atomic_write_text(self.path / "progress.json", json.dumps(self.progress, indent=1))
 
     def stage(self, name: str) -> dict:
         return self.progress.setdefault(name, {"done_s": 0.0, "steps": 0, "loss_curve_per_50": []})

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..core.atomic_write import atomic_write
 from ..core.errors import UserInputError
 
 
@@ -40,25 +40,14 @@ def safe_join(folder: str | os.PathLike, name: str) -> Path:
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
                 overwrite: bool = False) -> Path:
-    """Write a safetensors file through a temporary file in the same folder + ``os.replace``.
-
-    Metadata values that are not strings are stored as JSON. Nothing is left behind on failure.
-    """
+    """Write a safetensors file whole or not at all (core/atomic_write.py), never over an existing file unless
+    ``overwrite``. Metadata values that are not strings are stored as JSON."""
     p = Path(path)
     if p.exists() and not overwrite:
         raise UserInputError(f"{p} already exists (pass --overwrite to replace it)")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

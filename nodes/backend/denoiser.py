@@ -75,6 +75,7 @@ class ComfyDenoiser:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [N,3,H,W] in [-1,1] → (mean, std) of the latent distribution in the model's latent space."""
+        comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between VAE batches
         vae = self.vae
         fsm = vae.first_stage_model
         comfy.model_management.load_models_gpu([vae.patcher])
@@ -91,6 +92,7 @@ class ComfyDenoiser:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (as :meth:`encode_images` returns them) → pixels [N,3,H,W] in [-1,1]."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
         images = self.vae.decode(self.base.latent_format.process_out(latents.float()))  # [N,H,W,C] in [0,1]
         return (images.float().movedim(-1, 1)[:, :3] * 2 - 1).clamp(-1, 1).cpu()
 

@@ -15,7 +15,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ...kernels.core.errors import TrainingDiverged
+from ...kernels.core.errors import TrainingDiverged, UserInputError
 from ...kernels.core.round_trip import describe as describe_round_trip
 from ...kernels.engine.config import TrainConfig
 from ...kernels.engine.data import TrainData
@@ -42,12 +42,52 @@ def checkpoint_path(name: str) -> str:
     return str(safe_join(folder, f"{name}.safetensors"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Where a trainer node keeps its resumable state: ``path`` None = no checkpoints."""
+
+    path: str | None = None
+    every: int = 0
+    resume: bool = False
+
+
+def checkpoint_inputs() -> list:
+    """The optional checkpoint / resume inputs every trainer node has (at the end of its inputs)."""
+    return [io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
+                         tooltip="Save a resumable training checkpoint every N steps (0 = only on Cancel when a name is set)."),
+            io.String.Input("checkpoint_name", default="", optional=True,
+                            tooltip="Name of the checkpoint file in output/fewshot_checkpoints/ (empty = no checkpoints)."),
+            io.Boolean.Input("resume", default=False, optional=True,
+                             tooltip="Continue from the checkpoint of this name if it exists (same settings needed).")]
+
+
+def check_checkpoint_inputs(checkpoint_name=None, resume=None) -> bool | str:
+    """``validate_inputs`` part of :func:`checkpoint_inputs`: a plain file name, and one when resuming."""
+    name = first(checkpoint_name)
+    if isinstance(name, str) and name and (os.sep in name or "/" in name or "\\" in name or name.startswith(".")):
+        return f"checkpoint_name {name!r} must be a plain file name"
+    if first(resume) is True and isinstance(name, str) and not name.strip():
+        return "resume needs a checkpoint_name"
+    return True
+
+
+def checkpointing(checkpoint_every=None, checkpoint_name=None, resume=None) -> Checkpointing:
+    """The node's checkpoint inputs as a :class:`Checkpointing` (files in output/fewshot_checkpoints/)."""
+    name = (first(checkpoint_name, "") or "").strip()
+    if not name:
+        if first(resume):
+            raise UserInputError("resume needs a checkpoint_name")
+        return Checkpointing()
+    return Checkpointing(checkpoint_path(name), first(checkpoint_every, 0) or 0, bool(first(resume)))
+
+
 def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainConfig, *,
-                 checkpoint: str | None = None, resume: bool = False, augmentation=None,
+                 checkpoints: Checkpointing = Checkpointing(), augmentation=None,
                  notes: list[str] | None = None) -> tuple[TrainResult, dict[str, Artifact], str]:
     """Train ``method`` on clones of MODEL/CLIP, through the node's ``augmentation`` input when connected; returns
     (result, exported files, model family). The caller's objects are never changed; the method is detached however
-    the run ends."""
+    the run ends (ComfyUI's Cancel included: the last whole step is kept in the checkpoint when one is named)."""
+    cfg = dataclasses.replace(cfg, checkpoint_every=checkpoints.every if checkpoints.path else 0)
     settings, backgrounds = augmentation_parts(augmentation, cfg.resolution, data.masks is not None,
                                                notes if notes is not None else [])
     if settings is not None:
@@ -66,7 +106,7 @@ def run_training(model, clip, vae, method: Method, data: TrainData, cfg: TrainCo
             try:
                 ceiling = trainer.vae_round_trip()
                 log.info(describe_round_trip(ceiling))
-                result = trainer.train(on_step=on_step, checkpoint_path=checkpoint, resume=resume)
+                result = trainer.train(on_step=on_step, checkpoint_path=checkpoints.path, resume=checkpoints.resume)
             except TrainingDiverged as e:
                 raise ValueError(str(e)) from None
             result.vae_round_trip = ceiling
