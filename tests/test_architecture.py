@@ -92,3 +92,25 @@ def test_the_engine_does_not_know_back_ends_or_the_demo(module):
     f = KERNELS / (module.replace(".", "/") + ".py")
     layers = {_layer(m) for m, _ in _imports(f)} - {None}
     assert not layers & {"backends", "demo", "cli", "methods"}, layers
+
+
+def test_no_load_path_unpickles():
+    """Nothing of the pack can unpickle: no pickle / torch.load / numpy pickles, and every diffusers or
+    transformers weight load asks for safetensors (a tokenizer or image processor reads JSON/text only)."""
+    found = []
+    for path in sorted(KERNELS.rglob("*.py")) + sorted((ROOT / "nodes").rglob("*.py")) + [ROOT / "__init__.py"]:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in ("pickle", "dill", "joblib", "cloudpickle") for n in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports a pickle module")
+            if isinstance(node, ast.Call):
+                f = ast.unparse(node.func)
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if f in ("torch.load", "np.load", "numpy.load") and kw.get("allow_pickle") != "False":
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {f}")
+                if f.endswith("from_pretrained") and "Tokenizer" not in f and "Processor" not in f \
+                        and kw.get("use_safetensors") != "True" and "folder_kwargs" not in kw.get(None, ""):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {f} without use_safetensors=True")
+    assert not found, "\n".join(found)

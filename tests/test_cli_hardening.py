@@ -36,6 +36,19 @@ def test_bad_training_numbers_give_one_line_and_exit_2(case, tiny_sd, image_fold
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_a_model_folder_of_pickled_weights_is_refused(tiny_sd, image_folder, tmp_path, capsys):
+    """``.bin`` weights are pickles (loading one can run code): refused by name, never loaded."""
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    capsys.readouterr()  # the progress bars of making it
+    code, _, err = _run_main(capsys, "train", "--base", str(tmp_path / "bin"), "--images", str(image_folder),
+                             "--prompt", "a sks toy", "--steps", "1", "--out", str(tmp_path / "o.safetensors"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "unet/diffusion_pytorch_model.bin" in lines[0] and "pickled" in lines[0], err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_odd_but_valid_images_train(tiny_sd, tmp_path, capsys):
     from PIL import Image
 

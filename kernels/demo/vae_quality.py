@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     ap.add_argument("vae", help="a diffusers AutoencoderKL folder (e.g. kernels/demo/weights/model/vae)")
     ap.add_argument("--seeds", type=int, default=1)
     a = ap.parse_args(argv)
-    print(json.dumps(vae_report(Evaluator.load(), AutoencoderKL.from_pretrained(a.vae).eval(), seeds=a.seeds), indent=1))
+    print(json.dumps(vae_report(Evaluator.load(), AutoencoderKL.from_pretrained(a.vae, use_safetensors=True).eval(), seeds=a.seeds), indent=1))
 
 
 if __name__ == "__main__":

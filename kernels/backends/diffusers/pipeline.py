@@ -23,9 +23,16 @@ def load_pipeline(base: str, device: str | torch.device = "cpu", dtype: torch.dt
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserInputError(f"--base {path}: not a diffusers model folder (no model_index.json)")
+        pickled = sorted(str(f.relative_to(path)) for f in path.glob("*/*") if f.suffix in (".bin", ".ckpt", ".pt", ".pth")
+                         and not any(f.parent.glob("*.safetensors")))
+        if pickled:
+            raise UserInputError(f"--base {path}: {', '.join(pickled)} hold pickled weights, which are never loaded "
+                                 "(they can run code); save the model with safetensors (save_pretrained's default)")
+        folder_kwargs = dict(kwargs, use_safetensors=True)  # never the pickled .bin weights
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False, **kwargs) \
-                if _has_safety_checker(path) else DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
+                                                     **folder_kwargs) \
+                if _has_safety_checker(path) else DiffusionPipeline.from_pretrained(str(path), **folder_kwargs)
         except Exception as e:
             raise UserInputError(f"--base {path}: cannot load the diffusers model ({type(e).__name__}: {e})") from None
     elif path.is_file():
