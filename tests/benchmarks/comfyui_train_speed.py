@@ -39,6 +39,32 @@ import torch  # noqa: E402
 log = logging.getLogger("comfyui_train_speed")
 
 
+def trainlora_runner(node):
+    """``run(model, latents, cond, steps) -> LoRA tensors`` of ComfyUI's own trainer on either of its APIs: v0.3.64's
+    ``TrainLoraNode().train(...)`` (returns MODEL, LoRA, loss, steps) or the V3 node of ComfyUI 0.33
+    (``execute`` with list inputs, new inputs such as bypass mode and bucketing at their defaults; returns the
+    LoRA as ``LORA_MODEL``, the loss map and the step count, no MODEL). Same settings on both: batch 1, rank 4,
+    AdamW, lr 1e-3, MSE, seed 0, fp32 training and LoRA dtypes, plain LoRA, no gradient checkpointing."""
+    settings = dict(batch_size=1, grad_accumulation_steps=1, learning_rate=1e-3, rank=4, optimizer="AdamW",
+                    loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
+                    gradient_checkpointing=False, existing_lora="[None]")
+    if hasattr(node, "train"):  # v0.3.x
+        def run(model, latents, cond, steps):
+            s = settings
+            out = node().train(model, latents, cond, s["batch_size"], steps, s["grad_accumulation_steps"],
+                               s["learning_rate"], s["rank"], s["optimizer"], s["loss_function"], s["seed"],
+                               s["training_dtype"], s["lora_dtype"], s["algorithm"], s["gradient_checkpointing"],
+                               s["existing_lora"])
+            return out[1]
+        return run
+    defaults = {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
+
+    def run(model, latents, cond, steps):
+        kw = {**defaults, **settings, "model": model, "latents": latents, "positive": cond, "steps": steps}
+        return node.execute(**{k: [v] for k, v in kw.items()}).args[0]
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -71,12 +97,13 @@ def main() -> None:
                                        [False], [32], [1], [0], preview_steps=[0])
         return time.perf_counter() - t, sum(w.down.numel() + w.up.numel() for w in out.args[2].weights.values())
 
+    train_lora = trainlora_runner(TrainLoraNode)
+
     def theirs(steps):
         t = time.perf_counter()
         with torch.inference_mode():
-            out = TrainLoraNode().train(model, latents, cond, 1, steps, 1, 1e-3, 4, "AdamW", "MSE", 0, "fp32", "fp32",
-                                        "LoRA", False, "[None]")
-        return time.perf_counter() - t, sum(v.numel() for v in out[1].values())
+            lora = train_lora(model, latents, cond, steps)
+        return time.perf_counter() - t, sum(v.numel() for v in lora.values())
 
     results = {"ours": [], "TrainLoraNode": []}
     sizes = {}
