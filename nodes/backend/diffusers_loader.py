@@ -387,7 +387,18 @@ def load_diffusers_folder(folder: str | os.PathLike, embedding_directory=None):
     vae = load_vae(folder)
     # 0.33's EmptyLatentImage resizes its latent to the model's ratio, so a W×H request decodes to W×H
     model.model.latent_format.spacial_downscale_ratio = vae.downscale_ratio
+    for part, patcher in (("model", model), ("clip", clip.patcher), ("vae", vae.patcher)):
+        if hasattr(patcher, "cached_patcher_init"):  # ComfyUI ≥ 0.33: how deep clones get fresh weights
+            patcher.cached_patcher_init = (reload_part, (str(folder), embedding_directory, part))
     return model, clip, vae
+
+
+def reload_part(folder: str, embedding_directory, part: str, disable_dynamic: bool = False):
+    """A fresh patcher of one part (``model``, ``clip`` or ``vae``) of a diffusers folder: ComfyUI 0.33's
+    ``cached_patcher_init`` factory, which deep clones (``clone(force_deepcopy=True)``, as its TrainLoraNode makes
+    one; multi-GPU copies) call instead of copying weights that may carry patches."""
+    model, clip, vae = load_diffusers_folder(folder, embedding_directory)
+    return {"model": model, "clip": clip.patcher, "vae": vae.patcher}[part]
 
 
 def demo_model_folder() -> Path:

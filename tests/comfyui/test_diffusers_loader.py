@@ -222,3 +222,34 @@ def test_other_added_conditioning_is_refused(tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
     with pytest.raises(UserInputError, match="text_encoder_2"):
         load_diffusers_folder(folder)
+
+
+def test_deep_clones_reload_fresh_weights(tiny_folder, comfy_nodes):
+    """ComfyUI 0.33 deep-clones a MODEL through the loader's ``cached_patcher_init`` factory (its TrainLoraNode
+    does so before training); ours reloads the folder, so a deep clone has the folder's weights in new modules,
+    whatever patches the original carries, and ComfyUI's own trainer runs on our loader's model."""
+    from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
+
+    with torch.inference_mode():
+        m, c, v = load_diffusers_folder(tiny_folder)
+    if not hasattr(m, "cached_patcher_init"):
+        pytest.skip("this ComfyUI (< 0.33) deep-clones without a loader factory")
+    key = next(k for k in m.model.state_dict() if k.endswith("attn1.to_q.weight"))
+    m.add_patches({key: (torch.ones_like(m.model.state_dict()[key]),)}, 1.0)
+    for original in (m, c.patcher, v.patcher):
+        deep = original.clone(force_deepcopy=True)
+        assert deep.model is not original.model
+        for k, t in original.model.state_dict().items():
+            assert torch.equal(deep.model.state_dict()[k], t), k
+
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    with torch.inference_mode():
+        latents = {"samples": v.encode(torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0)))}
+        cond = c.encode_from_tokens_scheduled(c.tokenize("a photo of sks toy"))
+    defaults = {i.id: i.default for i in TrainLoraNode.define_schema().inputs if getattr(i, "default", None) is not None}
+    settings = {**defaults, "model": m, "latents": latents, "positive": cond, "batch_size": 1, "steps": 1,
+                "training_dtype": "fp32", "lora_dtype": "fp32", "rank": 2, "gradient_checkpointing": False}
+    with torch.inference_mode():
+        lora = TrainLoraNode.execute(**{k: [val] for k, val in settings.items()}).args[0]
+    assert lora and all(torch.isfinite(t).all() for t in lora.values())
