@@ -91,3 +91,15 @@ def test_time_budget_checkpoints_and_stops():
     clock.finish(2, [0.5, 0.4])
     assert [n for _, n in seen] == [1, 2] and all(s >= 100 for s, _ in seen)
     assert not TimeBudget(budget_s=10, done_s=10).running()
+
+
+def test_a_session_past_its_minutes_still_makes_one_step():
+    """A session whose time is up before a stage begins (a slow or busy machine) makes one step of it, then stops;
+    with no budget left it makes none."""
+    from fewshot_personalize.kernels.demo.time_budget import TimeBudget
+
+    clock = TimeBudget(budget_s=3600, session_s=0.0)
+    assert clock.running()
+    clock.tick(1, [0.5])
+    assert not clock.running()
+    assert not TimeBudget(budget_s=10, done_s=10, session_s=0.0).running()
