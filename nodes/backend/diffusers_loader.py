@@ -397,8 +397,13 @@ def reload_part(folder: str, embedding_directory, part: str, disable_dynamic: bo
     """A fresh patcher of one part (``model``, ``clip`` or ``vae``) of a diffusers folder: ComfyUI 0.33's
     ``cached_patcher_init`` factory, which deep clones (``clone(force_deepcopy=True)``, as its TrainLoraNode makes
     one; multi-GPU copies) call instead of copying weights that may carry patches."""
-    model, clip, vae = load_diffusers_folder(folder, embedding_directory)
-    return {"model": model, "clip": clip.patcher, "vae": vae.patcher}[part]
+    path = Path(folder)
+    if part == "vae":
+        return load_vae(path).patcher
+    if part == "clip":  # without loading the UNet, the largest part
+        sdxl = _read_json(path / "unet" / "config.json").get("addition_embed_type") == "text_time"
+        return (load_sdxl_clip if sdxl else load_clip)(path, embedding_directory).patcher
+    return load_diffusers_folder(path, embedding_directory)[0]  # the folder's checks and the VAE's latent ratio
 
 
 def demo_model_folder() -> Path:
