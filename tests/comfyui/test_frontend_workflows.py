@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_workflows_headless import LIMIT_S, _demo_available, _get, server  # noqa: F401  (the fixture)
+from .test_workflows_headless import LIMIT_S, _demo_available, _get, _ordered_workflows, server  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.comfyui
 if not os.environ.get("COMFYUI_PATH"):
@@ -41,12 +41,6 @@ UI_DIR = Path(__file__).resolve().parents[2] / "workflows"
 MISSING_JS = """() => (app.graph.nodes ?? app.graph._nodes)
     .filter(n => !n.constructor.comfyClass && !FRONTEND_ONLY.includes(n.type)).map(n => n.type)"""
 MISSING_JS = MISSING_JS.replace("FRONTEND_ONLY", json.dumps(["Note", "MarkdownNote", "Reroute", "PrimitiveNode"]))
-
-
-def _ordered_ui_workflows() -> list[Path]:
-    files = sorted(UI_DIR.glob("*.json"))
-    saves = [f for f in files if "FSP_SaveAdapter" in f.read_text()]
-    return saves + [f for f in files if f not in saves]
 
 
 def _graph(path: Path, demo: bool) -> dict:
@@ -90,7 +84,7 @@ def test_every_ui_workflow_loads_queues_and_succeeds_in_the_frontend(page, serve
     url, base = server
     demo = _demo_available()
     timings, page_errors = {}, {}
-    for path in _ordered_ui_workflows():
+    for path in _ordered_workflows(UI_DIR):
         page.errors.clear()
         page.evaluate("() => app.refreshComboInNodes()")  # what pressing R does: files saved by earlier workflows
         page.evaluate("g => app.loadGraphData(g)", _graph(path, demo))

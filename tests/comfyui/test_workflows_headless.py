@@ -102,8 +102,9 @@ def _demo_available() -> bool:
         return False
 
 
-def _ordered_workflows() -> list[Path]:
-    files = sorted(API_DIR.glob("*.json"))
+def _ordered_workflows(folder: Path = API_DIR) -> list[Path]:
+    """The workflow files of ``folder``, those that save an adapter first (others load it)."""
+    files = sorted(folder.glob("*.json"))
     saves = [f for f in files if "FSP_SaveAdapter" in f.read_text()]
     return saves + [f for f in files if f not in saves]
 
