@@ -12,9 +12,10 @@ import os
 from comfy_api.latest import io, ui
 
 from ..kernels.core.errors import UserInputError
-from ..kernels.engine.config import TrainConfig
+from ..kernels.engine.config import DTYPES, TrainConfig
 from ..kernels.engine.data import TrainData
 from ..kernels.formats.lora_file import parse_lora_tensors
+from ..kernels.adapters.lora import ALL_LAYERS, UNET_TARGETS
 from ..kernels.methods import DreamBoothLora, LoraSettings
 from .backend.adapter import Adapter, AdapterSocket, apply_adapter
 from .backend.augmentation import augmentation_input
@@ -23,6 +24,8 @@ from .backend.training import (check_checkpoint_inputs, checkpoint_inputs, check
                                instance_pixels, preview_or_blank, report_outputs, run_training, sample_preview, summary)
 
 log = logging.getLogger(__name__)
+#: the node's choices of UNet LoRA placement → the trainer's targets
+LORA_LAYERS = {"attention": UNET_TARGETS, "all": (ALL_LAYERS,)}
 
 class TrainConcept(io.ComfyNode):
     @classmethod
@@ -68,6 +71,13 @@ class TrainConcept(io.ComfyNode):
                 io.Int.Input("preview_steps", default=20, min=0, max=200, optional=True,
                              tooltip="Sampling steps of the preview image (0 = no preview)."),
                 augmentation_input(),
+                io.Combo.Input("lora_layers", options=list(LORA_LAYERS), default="attention", optional=True,
+                               tooltip="Where the UNet's LoRA goes: 'attention' = the attention projections (DreamBooth-"
+                                       "LoRA's default), 'all' = every linear layer and convolution (kohya's LoCon, "
+                                       "what ComfyUI's Train LoRA adapts): a larger adapter, slower steps."),
+                io.Combo.Input("precision", options=list(DTYPES), default="auto", optional=True,
+                               tooltip="Compute precision of training: 'auto' = bf16 autocast on GPUs and on CPUs with "
+                                       "bf16 units (AMX / AVX-512 BF16), else fp32; the LoRA weights stay fp32."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),
@@ -87,7 +97,8 @@ class TrainConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, instance_prompt, steps, learning_rate, rank, train_text_encoder,
                 resolution, batch_size, seed, mask=None, class_images=None, class_prompt=None, prior_weight=None,
-                checkpoint_every=None, checkpoint_name=None, resume=None, preview_steps=None, augmentation=None) -> io.NodeOutput:
+                checkpoint_every=None, checkpoint_name=None, resume=None, preview_steps=None, augmentation=None,
+                lora_layers=None, precision=None) -> io.NodeOutput:
         model, clip, vae = _first(model), _first(clip), _first(vae)
         instance_prompt, class_prompt = _first(instance_prompt), (_first(class_prompt, "") or "").strip()
         resolution = _first(resolution)
@@ -101,8 +112,13 @@ class TrainConcept(io.ComfyNode):
         cfg = TrainConfig(
             instance_prompts=instance_prompt, class_prompt=class_prompt if cls_pixels is not None else None,
             prior_weight=_first(prior_weight, 1.0), steps=_first(steps), lr=_first(learning_rate), resolution=resolution,
-            batch_size=_first(batch_size), seed=_first(seed), background_loss_weight=0.0)
-        method = DreamBoothLora(LoraSettings(rank=_first(rank), train_text_encoder=bool(_first(train_text_encoder))))
+            batch_size=_first(batch_size), seed=_first(seed), background_loss_weight=0.0,
+            dtype=_first(precision, "auto") or "auto")
+        layers = _first(lora_layers, "attention") or "attention"
+        if layers not in LORA_LAYERS:
+            raise UserInputError(f"lora_layers must be one of {', '.join(LORA_LAYERS)}, got {layers!r}")
+        method = DreamBoothLora(LoraSettings(rank=_first(rank), train_text_encoder=bool(_first(train_text_encoder)),
+                                             unet_targets=LORA_LAYERS[layers]))
         data = TrainData(pixels, cls_pixels, masks)
 
         result, artifacts, family = run_training(model, clip, vae, method, data, cfg,

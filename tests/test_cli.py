@@ -249,3 +249,20 @@ def test_train_reports_the_vae_round_trip(tiny_sd, image_folder, tmp_path, capsy
                              "a sks toy", "--steps", "1", "--rank", "1", "--out", str(tmp_path / "a.safetensors"))
     assert code == 0
     assert "VAE round trip of the" in out and "fine detail kept" in out
+
+
+def test_train_every_layer_writes_conv_loras_and_refuses_all_mixed_with_names(tiny_sd, image_folder, tmp_path, capsys):
+    from fewshot_personalize.kernels.formats.lora_file import load_lora_file
+
+    out = tmp_path / "all.safetensors"
+    code, _, _ = _run_main(capsys, "train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy",
+                           "--steps", "1", "--rank", "2", "--unet-targets", "all", "--dtype", "fp32", "--out", str(out))
+    assert code == 0
+    weights, _ = load_lora_file(out)
+    convs = [k for k, w in weights.items() if w.down.ndim == 4]
+    assert "lora_unet_conv_in" in convs and any("resnets" in k for k in convs)
+    assert "lora_unet_time_embedding_linear_1" in weights
+    code, _, err = _run_main(capsys, "train", "--base", tiny_sd, "--images", str(image_folder), "--prompt", "a sks toy",
+                             "--steps", "1", "--unet-targets", "all,to_q", "--out", str(tmp_path / "b.safetensors"))
+    assert code == 2 and "'all' already means every layer" in err
+    assert not (tmp_path / "b.safetensors").exists()

@@ -9,7 +9,7 @@ import torch
 
 from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from fewshot_personalize.kernels.backends.diffusers.adapters import apply_lora_file
-from fewshot_personalize.kernels.adapters.lora import LoraWeights, read_lora, write_lora
+from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS, UNET_TARGETS, LoraWeights, read_lora, write_lora
 from fewshot_personalize.kernels.formats.lora_file import load_lora_file, lora_metadata, save_lora_file
 from fewshot_personalize.kernels.engine.seams import Conditioning
 from fewshot_personalize.kernels.engine.config import TrainConfig
@@ -20,12 +20,13 @@ from fewshot_personalize.kernels.methods import DreamBoothLora, LoraSettings
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def _trained(base, tmp_path):
+def _trained(base, tmp_path, unet_targets=UNET_TARGETS):
     pipe = load_pipeline(base)
     d, te = DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe)
     data = TrainData(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     cfg = TrainConfig("a sks toy", steps=2, resolution=32)
-    trainer = Trainer(d, te, DreamBoothLora(LoraSettings(rank=4, alpha=2.0, train_text_encoder=True)), data, cfg)
+    settings = LoraSettings(rank=4, alpha=2.0, train_text_encoder=True, unet_targets=unet_targets)
+    trainer = Trainer(d, te, DreamBoothLora(settings), data, cfg)
     trainer.train()
     # make the adapter clearly non-zero so a wrong key, scale or transpose shows up
     g = torch.Generator().manual_seed(5)
@@ -51,10 +52,14 @@ def _pipe_outputs(pipe):
     return _outputs(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe))
 
 
+PLACEMENTS = [pytest.param(UNET_TARGETS, id="attention"), pytest.param((ALL_LAYERS,), id="every-layer")]
+
+
+@pytest.mark.parametrize("targets", PLACEMENTS)
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
-def test_diffusers_load_lora_weights_matches_our_adapter(request, fixture, tmp_path):
+def test_diffusers_load_lora_weights_matches_our_adapter(request, fixture, targets, tmp_path):
     base = request.getfixturevalue(fixture)
-    d, te, path = _trained(base, tmp_path)
+    d, te, path = _trained(base, tmp_path, targets)
     ours_cond, ours_eps = _outputs(d, te)
 
     pipe = load_pipeline(base)
@@ -70,10 +75,11 @@ def test_diffusers_load_lora_weights_matches_our_adapter(request, fixture, tmp_p
     torch.testing.assert_close(theirs_eps, ours_eps, **TOL)
 
 
+@pytest.mark.parametrize("targets", PLACEMENTS)
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
-def test_our_merge_loader_matches_the_adapter(request, fixture, tmp_path):
+def test_our_merge_loader_matches_the_adapter(request, fixture, targets, tmp_path):
     base = request.getfixturevalue(fixture)
-    d, te, path = _trained(base, tmp_path)
+    d, te, path = _trained(base, tmp_path, targets)
     ours_cond, ours_eps = _outputs(d, te)
     pipe = load_pipeline(base)
     n = apply_lora_file(pipe, path)

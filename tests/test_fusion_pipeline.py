@@ -117,6 +117,10 @@ def test_fusion_refuses_what_cannot_be_fused(pipe):
     bad.lora["lora_unet_no_such_layer"] = next(iter(bad.lora.values()))
     with pytest.raises(UserInputError, match="no_such_layer"):
         fuse_concepts(pipe, [a, bad])
+    conv = _concept(pipe, "<c>", 3)  # a LoCon-style adapter ('--unet-targets all') carries convolutions
+    conv.lora["lora_unet_conv_in"] = LoraWeights(torch.zeros(2, 4, 3, 3), torch.zeros(32, 2, 1, 1), 2.0)
+    with pytest.raises(UserInputError, match="conv_in is a convolution; gradient fusion fuses linear layers"):
+        fuse_concepts(pipe, [a, conv])
 
 
 def _write_concept(pipe, c: Concept, path):

@@ -79,3 +79,41 @@ def test_merge_then_unmerge_is_identity():
     assert not torch.allclose(m[0].weight, before)
     merge_lora(m, w, -0.7)
     torch.testing.assert_close(m[0].weight, before, atol=1e-6, rtol=0)
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1),
+                         nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+
+
+def test_conv_adapter_equals_merged_kernel():
+    """kohya LoCon layout: down [r, in, k, k] (a k×k conv with the layer's stride), up [out, r, 1, 1]; merging
+    ΔW = (α/r)·up@down.flatten(1) reshaped to the kernel gives the adapter's output."""
+    m = _convnet()
+    x = torch.randn(2, 3, 8, 8)
+    attach_lora(m, ["0", "2", "4"], rank=2, alpha=3.0)
+    _randomize(m)
+    with torch.no_grad():
+        adapted = m(x)
+    weights = read_lora(m)
+    assert weights["2"].down.shape == (2, 8, 3, 3) and weights["2"].up.shape == (6, 2, 1, 1)
+    detach_lora(m)
+    merge_lora(m, weights)
+    with torch.no_grad():
+        merged = m(x)
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_all_layers_target_finds_linears_and_convs_and_conv_rank_counts_the_kernel():
+    from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS, check_rank, linear_paths
+
+    m = _convnet()
+    assert linear_paths(m, (ALL_LAYERS,)) == ["0", "2", "4"]
+    assert linear_paths(m, ("4",)) == ["4"]  # named targets stay linear-only
+    check_rank(m, ["0"], 8)  # 3·3·3 = 27 inputs, 8 outputs: rank 8 fits
+    with pytest.raises(ValueError, match=r"rank 9 is larger than layer 0 allows \(27→8"):
+        check_rank(m, ["0"], 9)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="grouped convolution"):
+        check_rank(grouped, ["0"], 1)

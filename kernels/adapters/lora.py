@@ -3,6 +3,10 @@
 The layers are peft's own ``LoraLayer`` wrappers; this file only decides *where* they go (exact module
 paths given by a back end), reads their weights out as plain (down, up, alpha) triples, puts them back,
 removes them again, and merges ΔW = (α/r)·up@down into base weights for inference.
+
+Linear layers and 2-D convolutions can both be adapted. A convolution's LoRA is kohya's "LoCon" layout (what
+peft builds too): ``down`` is a k×k convolution to ``r`` channels [r, in, k, k], ``up`` a 1×1 convolution back
+[out, r, 1, 1], so ΔW = (α/r)·up@down.flatten(1), reshaped to the kernel.
 """
 
 from __future__ import annotations
@@ -17,12 +21,30 @@ ADAPTER_NAME = "fewshot"
 #: default LoRA targets: the UNet's attention projections and the text encoders' self-attention projections
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: the target that stands for every linear layer and 2-D convolution of a model (what ComfyUI's TrainLoraNode
+#: and kohya's LoCon adapt), instead of layer names
+ALL_LAYERS = "all"
+#: left out of ``ALL_LAYERS``: SDXL's embedding of pooled text and image sizes (diffusers: ``add_embedding``,
+#: ComfyUI: ``label_emb``), whose kohya names diffusers' LoRA reader maps to modules that do not exist
+ALL_LAYERS_EXCEPT = ("add_embedding.", "label_emb.")
 
 
 def linear_paths(root: nn.Module, targets: tuple[str, ...], within: str = "") -> list[str]:
-    """Paths of ``nn.Linear`` modules whose name ends with one of ``targets`` (and contains ``within``)."""
+    """Paths of ``nn.Linear`` modules whose name ends with one of ``targets`` (and contains ``within``);
+    ``targets == (ALL_LAYERS,)``: every ``nn.Linear`` and ``nn.Conv2d`` under ``root``, wherever it is (but
+    :data:`ALL_LAYERS_EXCEPT`)."""
+    if tuple(targets) == (ALL_LAYERS,):
+        return [n for n, m in root.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith(ALL_LAYERS_EXCEPT)]
     return [n for n, m in root.named_modules()
             if isinstance(m, nn.Linear) and within in n and any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def layer_width(m: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the weight matrix a LoRA factorises: a convolution's k×k×in patch counts as input."""
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1], m.out_channels
+    return m.in_features, m.out_features
 
 
 def check_rank(root: nn.Module, paths: list[str], rank: int) -> None:
@@ -32,14 +54,18 @@ def check_rank(root: nn.Module, paths: list[str], rank: int) -> None:
         m = modules.get(p)
         if m is None:
             raise ValueError(f"no module named {p!r}")
-        smallest = min(m.in_features, m.out_features)
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(f"layer {p} is a grouped convolution; LoRA adapts ordinary convolutions only")
+        n_in, n_out = layer_width(m)
+        smallest = min(n_in, n_out)
         if rank > smallest:
-            raise ValueError(f"rank {rank} is larger than layer {p} allows ({m.in_features}→{m.out_features}: at most {smallest})")
+            raise ValueError(f"rank {rank} is larger than layer {p} allows ({n_in}→{n_out}: at most {smallest})")
 
 
 @dataclass
 class LoraWeights:
-    """One adapted layer: ``down`` [r, in] (peft ``lora_A``), ``up`` [out, r] (peft ``lora_B``), kohya ``alpha``."""
+    """One adapted layer: ``down`` [r, in] (peft ``lora_A``), ``up`` [out, r] (peft ``lora_B``), kohya ``alpha``;
+    a convolution's are [r, in, k, k] and [out, r, 1, 1]."""
 
     down: torch.Tensor
     up: torch.Tensor
@@ -50,13 +76,13 @@ class LoraWeights:
         return self.down.shape[0]
 
     def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """ΔW = strength · (α/r) · up @ down (kohya / ComfyUI convention)."""
-        return (strength * self.alpha / self.rank) * (self.up.float() @ self.down.float().flatten(1))
+        """ΔW = strength · (α/r) · up @ down (kohya / ComfyUI convention), as a matrix [out, in·k·k]."""
+        return (strength * self.alpha / self.rank) * (self.up.float().flatten(1) @ self.down.float().flatten(1))
 
 
 def attach_lora(root: nn.Module, module_paths: list[str], rank: int, alpha: float | None = None,
                 dropout: float = 0.0) -> dict[str, nn.Module]:
-    """Wrap each ``root.<path>`` (nn.Linear) in a peft LoRA layer, in place.
+    """Wrap each ``root.<path>`` (nn.Linear or nn.Conv2d) in a peft LoRA layer, in place.
 
     peft initialises ``lora_A`` with Kaiming-uniform and ``lora_B`` with zeros, so the model is unchanged at
     step 0. Only the adapter parameters require grad. Returns {path: peft layer}.

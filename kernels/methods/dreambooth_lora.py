@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..adapters.lora import (TEXT_TARGETS, UNET_TARGETS, LoraWeights, attach_lora, check_rank, detach_lora,
+from ..adapters.lora import (ALL_LAYERS, TEXT_TARGETS, UNET_TARGETS, LoraWeights, attach_lora, check_rank, detach_lora,
                              read_lora)
 from ..core.errors import UserInputError
 from ..engine.config import TrainConfig
@@ -36,6 +36,8 @@ class LoraSettings:
             raise UserInputError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.unet_targets:
             raise UserInputError("no UNet layers to adapt (--unet-targets is empty)")
+        if ALL_LAYERS in self.unet_targets and len(self.unet_targets) > 1:
+            raise UserInputError(f"--unet-targets: '{ALL_LAYERS}' already means every layer; give it alone")
 
     @property
     def lora_alpha(self) -> float:

@@ -39,13 +39,13 @@ import torch  # noqa: E402
 log = logging.getLogger("comfyui_train_speed")
 
 
-def trainlora_runner(node):
+def trainlora_runner(node, learning_rate: float = 1e-3):
     """``run(model, latents, cond, steps) -> LoRA tensors`` of ComfyUI's own trainer on either of its APIs: v0.3.64's
     ``TrainLoraNode().train(...)`` (returns MODEL, LoRA, loss, steps) or the V3 node of ComfyUI 0.33
     (``execute`` with list inputs, new inputs such as bypass mode and bucketing at their defaults; returns the
     LoRA as ``LORA_MODEL``, the loss map and the step count, no MODEL). Same settings on both: batch 1, rank 4,
-    AdamW, lr 1e-3, MSE, seed 0, fp32 training and LoRA dtypes, plain LoRA, no gradient checkpointing."""
-    settings = dict(batch_size=1, grad_accumulation_steps=1, learning_rate=1e-3, rank=4, optimizer="AdamW",
+    AdamW, lr ``learning_rate``, MSE, seed 0, fp32 training and LoRA dtypes, plain LoRA, no gradient checkpointing."""
+    settings = dict(batch_size=1, grad_accumulation_steps=1, learning_rate=learning_rate, rank=4, optimizer="AdamW",
                     loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
                     gradient_checkpointing=False, existing_lora="[None]")
     if hasattr(node, "train"):  # v0.3.x

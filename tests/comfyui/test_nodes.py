@@ -131,21 +131,24 @@ def test_train_without_text_encoder_patches_only_the_model(family_case, loras_di
     assert not torch.allclose(denoise(out_m), before)
 
 
-def test_adapter_keys_match_the_diffusers_back_end(family_case, loras_dir):
+@pytest.mark.parametrize("layers", ["attention", "all"])
+def test_adapter_keys_match_the_diffusers_back_end(family_case, loras_dir, layers):
     from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
     from fewshot_personalize.kernels.formats.lora_file import kohya_name
+    from fewshot_personalize.nodes.train import LORA_LAYERS
 
     family, folder, objs = family_case
-    adapter = train(objs, steps=1, text=True)[2]
+    adapter = train(objs, steps=1, text=True, lora_layers=layers)[2]
     pipe = load_pipeline(str(folder))
-    expected = {kohya_name(r.prefix, p) for r in DiffusersDenoiser(pipe).adapter_roots() for p in r.paths}
+    expected = {kohya_name(r.prefix, p) for r in DiffusersDenoiser(pipe).adapter_roots(LORA_LAYERS[layers]) for p in r.paths}
     expected |= {kohya_name(r.prefix, p) for r in DiffusersTextEncoder(pipe).adapter_roots() for p in r.paths}
     assert set(adapter.weights) == expected
     text_prefixes = {k.split("_text_model_")[0] for k in adapter.weights if not k.startswith("lora_unet_")}
     assert text_prefixes == ({"lora_te1", "lora_te2"} if family == "sdxl" else {"lora_te"})
 
 
-def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(family_case, loras_dir, comfy_nodes):
+@pytest.mark.parametrize("layers", ["attention", "all"])
+def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(family_case, loras_dir, comfy_nodes, layers):
     import folder_paths
 
     from fewshot_personalize.nodes.apply_adapter import ApplyAdapter
@@ -153,7 +156,9 @@ def test_saved_lora_through_stock_loraloader_equals_in_graph_adapter(family_case
 
     _, _, objs = family_case
     m, c, v = objs
-    out_m, out_c, adapter, _, _ = train(objs, text=True)
+    out_m, out_c, adapter, _, _ = train(objs, text=True, lora_layers=layers)
+    convs = [k for k, w in adapter.weights.items() if w.down.ndim == 4]
+    assert bool(convs) == (layers == "all")  # 'all' adapts the convolutions too (kohya LoCon layout)
     name = SaveAdapter.execute(adapter, "fewshot/concept", False).args[0]
     assert name == "fewshot/concept.safetensors" and (loras_dir / name).is_file()
     assert name in folder_paths.get_filename_list("loras")  # listed without a restart

@@ -127,13 +127,16 @@ def _adapted_modules(pipe, concepts: list[Concept]) -> dict[str, torch.nn.Linear
     """Kohya name → Linear module of every layer any concept adapts (refusing layers the model lacks)."""
     out: dict[str, torch.nn.Linear] = {}
     for prefix, root in adapter_modules(pipe).items():
-        linears = {p: m for p, m in root.named_modules() if isinstance(m, torch.nn.Linear)}
+        linears = {p: m for p, m in root.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         for c in concepts:
             try:
                 mapped = from_kohya(c.lora, prefix, linears)
             except UserInputError as e:
                 raise UserInputError(f"{c.source}: {e}") from None
             for path in mapped:
+                if isinstance(linears[path], torch.nn.Conv2d):
+                    raise UserInputError(f"{c.source}: layer {path} is a convolution; gradient fusion fuses linear "
+                                         "layers (train the concepts with attention targets, not 'all')")
                 out[prefix + path.replace(".", "_")] = linears[path]
     unknown = [n for c in concepts for n in c.lora if n not in out]
     if unknown:
