@@ -7,7 +7,6 @@ ComfyUI seams of ``backend``; the outputs carry the trained adapter as ordinary 
 from __future__ import annotations
 
 import logging
-import os
 
 from comfy_api.latest import io, ui
 
