@@ -21,9 +21,10 @@ with gradients to its input only (no parameter gradients, no optimizer), on the 
 
 Per-step time = (time of a ``--long``-step run − time of a ``--short``-step run) / the step difference, so set-up
 (cloning, adapter creation, VAE encoding of the training images) cancels; contenders alternate within each
-repeat (order rotated), the median of ``--repeats`` is reported. Peak memory: each contender once more in a fresh
-child process (``--short`` steps): the RSS after loading the model, and the peak RSS while training (Linux: the
-peak is reset after loading through ``/proc/self/clear_refs``, then read from ``VmHWM``).
+repeat (order rotated), the median of ``--repeats`` is reported. Peak memory, measured first (before this process
+loads anything): each contender alone in a fresh child process (``--short`` steps): the RSS after loading the
+model (every weight read once), and the peak RSS while training (Linux: the peak is reset after loading through
+``/proc/self/clear_refs``, then read from ``VmHWM``).
 
 Model sizes: ``--model tiny`` (the test suite's tiny SD1, 32 px) or ``--model sd15`` (SD1.5's real UNet, text
 encoder and VAE layer sizes built from their configs with random weights; the tokenizer's vocabulary is the
@@ -111,8 +112,9 @@ def model_folder(kind: str, work: Path) -> Path:
     return folder
 
 
-def comfy_contenders(folder: Path, res: int, names) -> dict:
-    """{name: run(steps) -> (seconds, trainable parameters)} on ComfyUI's UNet."""
+def comfy_contenders(folder: Path, res: int, names, loaded: list | None = None) -> dict:
+    """{name: run(steps) -> (seconds, trainable parameters)} on ComfyUI's UNet; the loaded modules are appended
+    to ``loaded``."""
     import nodes as comfy_nodes  # ComfyUI's
 
     asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -129,6 +131,8 @@ def comfy_contenders(folder: Path, res: int, names) -> dict:
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
     context = cond[0][0].clone()
     unet = model.model.diffusion_model
+    if loaded is not None:
+        loaded += [model.model, clip.cond_stage_model, vae.first_stage_model]
     runs = {}
 
     def node(layers):
@@ -179,8 +183,9 @@ def comfy_contenders(folder: Path, res: int, names) -> dict:
     return runs
 
 
-def diffusers_contenders(folder: Path, res: int, names) -> dict:
-    """{name: run(steps) -> (seconds, trainable parameters)} on diffusers' UNet2DConditionModel."""
+def diffusers_contenders(folder: Path, res: int, names, loaded: list | None = None) -> dict:
+    """{name: run(steps) -> (seconds, trainable parameters)} on diffusers' UNet2DConditionModel; the loaded
+    modules are appended to ``loaded``."""
     import torch.nn.functional as F
     from peft import LoraConfig
 
@@ -194,6 +199,8 @@ def diffusers_contenders(folder: Path, res: int, names) -> dict:
     unet, vae, text, sched = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
     for m in (unet, vae, text):
         m.requires_grad_(False)
+    if loaded is not None:
+        loaded += [unet, vae, text]
     pixels = torch.rand(4, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
@@ -262,13 +269,15 @@ def diffusers_contenders(folder: Path, res: int, names) -> dict:
 
 
 def child(a) -> None:
-    """One contender, ``--short`` steps, in this fresh process: peak RSS."""
-    folder = Path(a.folder)
-    rss_loaded = None
-    if a.child in COMFY_SIDE:
-        runs = comfy_contenders(folder, a.resolution, [a.child])
-    else:
-        runs = diffusers_contenders(folder, a.resolution, [a.child])
+    """One contender, ``--short`` steps, in this fresh process: RSS after loading (every weight read once, since
+    safetensors files are memory-mapped and would otherwise only count once touched) and peak RSS while training."""
+    folder, loaded = Path(a.folder), []
+    side = comfy_contenders if a.child in COMFY_SIDE else diffusers_contenders
+    runs = side(folder, a.resolution, [a.child], loaded)
+    with torch.no_grad():
+        for module in loaded:
+            for t in [*module.parameters(), *module.buffers()]:
+                t.sum()
     rss_loaded = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
     runs[a.child](a.short)
@@ -287,7 +296,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--resolution", type=int, help="pixels (default: 32 for tiny, 256 for sd15)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (0: memory only)")
     ap.add_argument("--short", type=int, default=2)
     ap.add_argument("--long", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
@@ -307,7 +316,16 @@ def main() -> None:
         return
     folder = model_folder(a.model, Path(a.work))
     names = [n.strip() for n in a.only.split(",")] if a.only else list(COMFY_SIDE + DIFFUSERS_SIDE)
-    runs = {**comfy_contenders(folder, a.resolution, [n for n in names if n in COMFY_SIDE]),
+    memory = {}  # first, while this process holds no model
+    if not a.no_memory:
+        for n in names:
+            out = subprocess.run([sys.executable, __file__, "--child", n, "--folder", str(folder), "--resolution",
+                                  str(a.resolution), "--short", str(a.short), "--threads", str(a.threads)],
+                                 capture_output=True, text=True, env=os.environ)
+            lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+            memory[n] = json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-400:]}"}
+            print(f"memory: {n:20s} {memory[n]}", flush=True)
+    runs = {} if a.repeats == 0 else {**comfy_contenders(folder, a.resolution, [n for n in names if n in COMFY_SIDE]),
             **diffusers_contenders(folder, a.resolution, [n for n in names if n in DIFFUSERS_SIDE])}
     per_step: dict[str, list[float]] = {n: [] for n in names}
     params: dict[str, int] = {}
@@ -318,15 +336,7 @@ def main() -> None:
             t_long, params[n] = runs[n](a.long)
             per_step[n].append((t_long - t_short) / (a.long - a.short))
             print(f"repeat {r}: {n:20s} {per_step[n][-1]:.4f} s/step", flush=True)
-    memory = {}
-    if not a.no_memory:
-        for n in names:
-            out = subprocess.run([sys.executable, __file__, "--child", n, "--folder", str(folder), "--resolution",
-                                  str(a.resolution), "--short", str(a.short), "--threads", str(a.threads)],
-                                 capture_output=True, text=True, env=os.environ)
-            lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
-            memory[n] = json.loads(lines[-1]) if lines else {"error": out.stderr[-400:]}
-    med = {n: statistics.median(v) for n, v in per_step.items()}
+    med = {n: statistics.median(v) for n, v in per_step.items() if v}
     info = {"model": a.model, "resolution": a.resolution, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "comfyui": __import__("comfyui_version").__version__, "machine": platform.machine(),
             "cores": os.cpu_count(), "short": a.short, "long": a.long, "repeats": a.repeats}
@@ -336,6 +346,8 @@ def main() -> None:
     for n in names:
         floor = med.get("comfy-floor" if n in COMFY_SIDE else "diffusers-floor")
         mem = memory.get(n, {})
+        if n not in med:
+            continue
         print(f"| {n} | {med[n]:.4f} | {med[n] / floor if floor else float('nan'):.2f} | "
               f"{', '.join(f'{x:.4f}' for x in per_step[n])} | {params.get(n, 0):,} | "
               f"{mem.get('rss_after_load_mb', float('nan')):.0f} | {mem.get('peak_rss_mb', float('nan')):.0f} |")
