@@ -80,3 +80,25 @@ def test_both_objects_right_needs_each_object_once(ev):
     alone = [W.render(W.Scene([s.objects[0]], s.context, s.texture_seed))[0] for s in scenes]
     half = Q.both_objects_right(ev, alone, [s.caption() for s in scenes])
     assert half["both"] <= 0.2 and half["objects"] <= 0.6
+
+
+def test_breakdown_finds_the_context_a_model_gets_wrong(ev):
+    """A generator that draws every caption right except that 'on the snow' comes out on the grass: the breakdown
+    by context shows snow failing and the others passing."""
+    captions = [W.Scene([W.Obj(cls, "red")], context).caption()
+                for cls in ("ball", "box") for context in ("snow", "grass", "beach") for _ in range(2)]
+
+    def images_for(caption_list):
+        out = []
+        for k, caption in enumerate(caption_list):
+            asked = W.Scene([W.Obj(W.parse_prompt(caption)["objects"][0]["cls"], "red")], "grass").caption() \
+                if "snow" in caption else caption
+            out.append(Q.ideal_renders([asked], seed=k)[0])
+        return out
+
+    by_context = Q.breakdown(ev, images_for(captions), captions, "context")
+    assert set(by_context) == {"snow", "grass", "beach"} and all(r["n"] == 4 for r in by_context.values())
+    assert by_context["snow"]["context"] == 0.0
+    assert by_context["grass"]["context"] >= 0.75 and by_context["beach"]["context"] >= 0.75
+    by_class = Q.breakdown(ev, images_for(captions), captions, "cls")
+    assert set(by_class) == {"ball", "box"} and all(r["n"] == 6 for r in by_class.values())

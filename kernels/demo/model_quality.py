@@ -123,3 +123,82 @@ def both_objects_right(evaluator, images, captions: list[str]) -> dict[str, floa
         both.append(found == asked)
         found_objects.append(found / asked)
     return {"both": float(np.mean(both)), "objects": float(np.mean(found_objects)), "captions": len(captions)}
+
+
+def breakdown(evaluator, images, captions: list[str], by: str) -> dict[str, dict[str, float]]:
+    """:func:`recognition` per value of the caption's ``by`` (``cls``, ``colour`` or ``context``): which classes,
+    colours or contexts the model fails on."""
+    groups: dict[str, list[int]] = {}
+    for i, caption in enumerate(captions):
+        p = world.parse_prompt(caption)
+        value = p["context"] if by == "context" else p["objects"][0][by]
+        groups.setdefault(str(value), []).append(i)
+    return {v: {**recognition(evaluator, [images[i] for i in idx], [captions[i] for i in idx]), "n": len(idx)}
+            for v, idx in sorted(groups.items())}
+
+
+def main(argv=None) -> None:
+    """``python -m fewshot_personalize.kernels.demo.model_quality [--model DIR] [--json FILE] [--grid PNG]``: the
+    measurement of :func:`measure_model_quality` at the demo's sampler, with a per-class and per-context breakdown of
+    the seen captions and a grid of the first samples to look at."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..backends.diffusers import load_pipeline
+    from ..backends.diffusers.generate import use_sampler
+    from .evaluator import Evaluator
+    from .experiment import sample
+    from .model import demo_model_path
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", help="a demo-architecture model folder (default: the shipped demo model)")
+    ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--grid", help="write a PNG grid of the first 16 samples of each caption set here")
+    ap.add_argument("--captions", type=int, default=80, help="captions per set (default 80; held-out: a fifth per "
+                                                                 "held-out combination)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    per_combination = max(1, a.captions // len(HOLDOUT))
+    torch.set_num_threads(a.threads)
+    pipe = load_pipeline(a.model or str(demo_model_path()))
+    use_sampler(pipe, "dpm")
+    ev = Evaluator.load()
+    kept: dict[str, list] = {}
+
+    def generate(caption: str, seed: int):
+        img = sample(pipe, caption, 1, seed)[0]
+        kept.setdefault(caption, []).append(img)
+        return img
+
+    result = measure_model_quality(ev, generate, per_combination=per_combination, n_seen=a.captions, n_two=a.captions)
+    seen = seen_captions(a.captions, 0)
+    seen_imgs = [kept[c][0] for c in seen]
+    result["seen_by_class"] = breakdown(ev, seen_imgs, seen, "cls")
+    result["seen_by_context"] = breakdown(ev, seen_imgs, seen, "context")
+    print(json.dumps({k: result[k] for k in ("held_out", "seen", "two_objects", "two_objects_ideal_renders")}, indent=1))
+    for by in ("seen_by_class", "seen_by_context"):
+        print(by, {v: f"{r['all']:.2f} (cls {r['cls']:.2f}, colour {r['colour']:.2f}, context {r['context']:.2f}, n {r['n']})"
+                   for v, r in result[by].items()})
+    if a.json:
+        from ..core.atomic_write import atomic_write_text
+
+        atomic_write_text(Path(a.json), json.dumps(result, indent=1))
+    if a.grid:
+        from PIL import Image
+
+        held = holdout_captions(per_combination, 0)
+        rows = [held[::max(1, len(held) // 16)][:16], seen[:16],
+                [s.caption() for s in two_object_scenes(a.captions, 0)][:16]]
+        size = 64
+        grid = Image.new("RGB", (16 * size, len(rows) * size), "white")
+        for r, captions in enumerate(rows):
+            for c, caption in enumerate(captions):
+                grid.paste(kept[caption][0].resize((size, size)), (c * size, r * size))
+        grid.save(a.grid)
+
+
+if __name__ == "__main__":
+    main()
