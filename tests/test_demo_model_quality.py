@@ -83,7 +83,7 @@ def test_both_objects_right_needs_each_object_once(ev):
 
 
 def test_breakdown_finds_the_context_a_model_gets_wrong(ev):
-    """A generator that draws every caption right except that 'on the snow' comes out on the grass: the breakdown
+    """A generator that draws every caption right except that 'in the snow' comes out on the grass: the breakdown
     by context shows snow failing and the others passing."""
     captions = [W.Scene([W.Obj(cls, "red")], context).caption()
                 for cls in ("ball", "box") for context in ("snow", "grass", "beach") for _ in range(2)]
