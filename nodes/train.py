@@ -75,8 +75,8 @@ class TrainConcept(io.ComfyNode):
                                        "LoRA's default), 'all' = every linear layer and convolution (kohya's LoCon, "
                                        "what ComfyUI's Train LoRA adapts): a larger adapter, slower steps."),
                 io.Combo.Input("precision", options=list(DTYPES), default="auto", optional=True,
-                               tooltip="Compute precision of training: 'auto' = bf16 autocast on GPUs and on CPUs with "
-                                       "bf16 units (AMX / AVX-512 BF16), else fp32; the LoRA weights stay fp32."),
+                               tooltip="Compute precision of training: 'auto' = bf16 autocast on GPUs that have it, fp32 "
+                                       "on CPUs ('bf16' speeds up large models on CPUs with AMX); the LoRA weights stay fp32."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained adapter applied."),

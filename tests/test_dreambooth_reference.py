@@ -1,6 +1,10 @@
 """The method-generic loop reproduces DreamBooth-LoRA exactly: adapter tensors and losses of two fixed-seed runs
 on the demo model, recorded with the trainer as it was before the engine became method-generic (commit 5384e23,
-tests/fixtures/dreambooth_lora_reference.safetensors), are matched bit for bit."""
+tests/fixtures/dreambooth_lora_reference.safetensors), are matched bit for bit on the kind of CPU they were recorded on (AVX2, no bf16 units). Elsewhere the fp32 kernels
+sum in another order (AVX-512 / AMX machines differ in the 7th significant digit of the losses, and Adam's
+normalisation makes that ~1e-6 in the weights), so losses match to 1e-5 relative and weights to 1e-5 absolute (5–6
+steps at lr 1e-3 and more move them by ~1e-3): any change of method (another noise draw, timestep, loss term or
+update) moves the numbers by far more."""
 
 import json
 from pathlib import Path
@@ -41,14 +45,16 @@ def test_new_loop_reproduces_the_recorded_dreambooth_run(run):
     tensors, meta = _recorded()
     kw = json.loads(meta[run])
     lora = LoraSettings(**{k: kw.pop(k) for k in LORA_KEYS if k in kw})
-    cfg = TrainConfig(instance_prompts=kw.pop("instance_prompt"), **kw)
+    # recorded in fp32 (on a CPU without bf16 units); "auto" would pick bf16 autocast on a CPU that has them
+    cfg = TrainConfig(instance_prompts=kw.pop("instance_prompt"), dtype="fp32", **kw)
     pipe = load_pipeline(str(MODEL_DIR))
     with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), DreamBoothLora(lora),
                  _data(11, cfg.class_prompt is not None), cfg) as trainer:
         result = trainer.train()
         files = trainer.export()["lora"].tensors
-    assert result.losses == tensors[f"{run}/losses"].tolist()
+    torch.testing.assert_close(torch.tensor(result.losses, dtype=torch.float64),
+                               tensors[f"{run}/losses"].to(torch.float64), rtol=1e-5, atol=1e-7)
     expected = {k[len(run) + 1:]: v for k, v in tensors.items() if k.startswith(run + "/") and not k.endswith("losses")}
     assert sorted(files) == sorted(expected)
     for k, v in expected.items():
-        assert torch.equal(files[k], v), k
+        torch.testing.assert_close(files[k], v, rtol=1e-4, atol=1e-5)  # Adam turns 1e-7 gradient noise into ~1e-6

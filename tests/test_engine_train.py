@@ -196,3 +196,10 @@ def test_masked_loss_ignores_background(tiny_sd):
     trainer, _ = _trainer(tiny_sd, data=TrainData(data.instance, None, masks), class_prompt=None, steps=2)
     assert trainer.masks.shape[-2:] == trainer.instance_latents.mean.shape[-2:]
     assert all(torch.isfinite(torch.tensor(trainer.train().losses)))
+
+
+def test_auto_precision_is_fp32_on_every_cpu_and_asked_for_values_are_kept():
+    from fewshot_personalize.kernels.core.devices import pick_dtype
+
+    assert pick_dtype("cpu") == torch.float32  # also on CPUs with bf16 units: bf16 there is opt-in
+    assert pick_dtype("cpu", "bf16") == torch.bfloat16 and pick_dtype("cpu", "fp16") == torch.float16

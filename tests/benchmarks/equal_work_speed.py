@@ -14,8 +14,7 @@ Two UNet implementations are in play, so every comparison stays on one of them:
   prompt's embedding computed once, i.e. only the training work; the script's ``--pre_compute_text_embeddings``
   does the text half).
 
-Equal settings everywhere: batch 1, LoRA rank 4, fp32 weights and compute (our trainer's ``auto`` precision would
-pick bf16 autocast on a CPU with bf16 units), AdamW lr 1e-4, no prior
+Equal settings everywhere: batch 1, LoRA rank 4, fp32 weights and compute (set explicitly on every contender), AdamW lr 1e-4, no prior
 preservation, UNet only, no gradient checkpointing. The floor is one step's forward + backward of the frozen UNet
 with gradients to its input only (no parameter gradients, no optimizer), on the same batch.
 
