@@ -132,7 +132,6 @@ def comfy_contenders(folder: Path, res: int, names, loaded: list | None = None) 
     unet = model.model.diffusion_model
     if loaded is not None:
         loaded += [model.model, clip.cond_stage_model, vae.first_stage_model]
-    runs = {}
 
     def node(layers):
         def run(steps):
@@ -177,9 +176,7 @@ def comfy_contenders(folder: Path, res: int, names, loaded: list | None = None) 
 
     available = {"comfy-floor": floor, "ours-node-all": node("all"), "trainlora": trainlora,
                  "ours-node-attention": node("attention")}
-    for n in names:
-        runs[n] = available[n]
-    return runs
+    return {n: available[n] for n in names}
 
 
 def diffusers_contenders(folder: Path, res: int, names, loaded: list | None = None) -> dict:
