@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
+from fewshot_personalize.kernels.adapters.lora import LoraWeights, adapter_paths
 from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from fewshot_personalize.kernels.backends.diffusers.adapters import PipelineAdapters, adapter_modules
 from fewshot_personalize.kernels.backends.diffusers.fusion import fuse_concepts
@@ -25,7 +25,7 @@ def _concept(pipe, token: str, seed: int, scale: float = 0.15) -> Concept:
     lora = {}
     for prefix, root in adapter_modules(pipe).items():
         targets = ("to_q", "to_k", "to_v", "to_out.0") if prefix == "lora_unet_" else ("q_proj", "v_proj")
-        for path in linear_paths(root, targets):
+        for path in adapter_paths(root, targets):
             m = dict(root.named_modules())[path]
             lora[prefix + path.replace(".", "_")] = LoraWeights(torch.randn(2, m.in_features, generator=g) * scale,
                                                                  torch.randn(m.out_features, 2, generator=g) * scale, 2.0)

@@ -106,11 +106,11 @@ def test_conv_adapter_equals_merged_kernel():
 
 
 def test_all_layers_target_finds_linears_and_convs_and_conv_rank_counts_the_kernel():
-    from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS, check_rank, linear_paths
+    from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS, check_rank, adapter_paths
 
     m = _convnet()
-    assert linear_paths(m, (ALL_LAYERS,)) == ["0", "2", "4"]
-    assert linear_paths(m, ("4",)) == ["4"]  # named targets stay linear-only
+    assert adapter_paths(m, (ALL_LAYERS,)) == ["0", "2", "4"]
+    assert adapter_paths(m, ("4",)) == ["4"]  # named targets stay linear-only
     check_rank(m, ["0"], 8)  # 3·3·3 = 27 inputs, 8 outputs: rank 8 fits
     with pytest.raises(ValueError, match=r"rank 9 is larger than layer 0 allows \(27→8"):
         check_rank(m, ["0"], 9)

@@ -24,18 +24,20 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: the target that stands for every linear layer and 2-D convolution of a model (what ComfyUI's TrainLoraNode
 #: and kohya's LoCon adapt), instead of layer names
 ALL_LAYERS = "all"
+#: the module types a LoRA can wrap
+ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
 #: left out of ``ALL_LAYERS``: SDXL's embedding of pooled text and image sizes (diffusers: ``add_embedding``,
 #: ComfyUI: ``label_emb``), whose kohya names diffusers' LoRA reader maps to modules that do not exist
 ALL_LAYERS_EXCEPT = ("add_embedding.", "label_emb.")
 
 
-def linear_paths(root: nn.Module, targets: tuple[str, ...], within: str = "") -> list[str]:
+def adapter_paths(root: nn.Module, targets: tuple[str, ...], within: str = "") -> list[str]:
     """Paths of ``nn.Linear`` modules whose name ends with one of ``targets`` (and contains ``within``);
     ``targets == (ALL_LAYERS,)``: every ``nn.Linear`` and ``nn.Conv2d`` under ``root``, wherever it is (but
     :data:`ALL_LAYERS_EXCEPT`)."""
     if tuple(targets) == (ALL_LAYERS,):
         return [n for n, m in root.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith(ALL_LAYERS_EXCEPT)]
+                if isinstance(m, ADAPTABLE_LAYERS) and not n.startswith(ALL_LAYERS_EXCEPT)]
     return [n for n, m in root.named_modules()
             if isinstance(m, nn.Linear) and within in n and any(n == t or n.endswith("." + t) for t in targets)]
 

@@ -13,7 +13,7 @@ import logging
 import comfy.model_management
 import torch
 
-from ...kernels.adapters.lora import UNET_TARGETS, linear_paths
+from ...kernels.adapters.lora import UNET_TARGETS, adapter_paths
 from ...kernels.core.errors import UserInputError
 from ...kernels.core.noise_schedule import NoiseSchedule
 from ...kernels.engine.seams import AdapterRoot, Conditioning, Handle
@@ -99,7 +99,7 @@ class ComfyDenoiser:
     def adapter_roots(self, targets: tuple[str, ...] = UNET_TARGETS) -> list[AdapterRoot]:
         """ComfyUI's LDM module paths, with their diffusers names as canonical names (what files carry)."""
         unet = self.base.diffusion_model
-        return [AdapterRoot("lora_unet_", unet, linear_paths(unet, targets, within="attn"),
+        return [AdapterRoot("lora_unet_", unet, adapter_paths(unet, targets, within="attn"),
                             canonical=ldm_to_diffusers_paths(self.unet_config))]
 
     def cross_attention_layers(self) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from ...kernels.adapters.kv_concat import kv_concat_attention
 from ...kernels.adapters.layerwise_context import stack_layer_contexts
-from ...kernels.adapters.lora import TEXT_TARGETS, linear_paths
+from ...kernels.adapters.lora import TEXT_TARGETS, adapter_paths
 from ...kernels.adapters.token_embeddings import add_placeholders, layer_count, splice_placeholders
 from ...kernels.core.errors import UserInputError
 from ...kernels.engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
@@ -175,7 +175,7 @@ class ComfyTextEncoder:
     # ------------------------------------------------------------------ LoRA
     def adapter_roots(self, targets: tuple[str, ...] = TEXT_TARGETS) -> list[AdapterRoot]:
         return [AdapterRoot(text_prefix(self.family, which), self.modules[enc.name].transformer,
-                            linear_paths(self.modules[enc.name].transformer, targets, "self_attn"))
+                            adapter_paths(self.modules[enc.name].transformer, targets, "self_attn"))
                 for which, enc in enumerate(self.encoders)]
 
     def set_gradient_checkpointing(self, on: bool) -> None:

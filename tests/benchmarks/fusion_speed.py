@@ -30,7 +30,7 @@ PROMPTS = ("a photo of a {}", "{}")
 
 
 def random_concepts(pipe, n: int = 2, rank: int = 4, scale: float = 0.1):
-    from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
+    from fewshot_personalize.kernels.adapters.lora import LoraWeights, adapter_paths
     from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder
     from fewshot_personalize.kernels.backends.diffusers.adapters import adapter_modules
     from fewshot_personalize.kernels.formats.concept_file import Concept
@@ -45,7 +45,7 @@ def random_concepts(pipe, n: int = 2, rank: int = 4, scale: float = 0.1):
             targets = ("to_q", "to_k", "to_v", "to_out.0") if prefix == "lora_unet_" else ("q_proj", "k_proj", "v_proj",
                                                                                           "out_proj")
             modules = dict(root.named_modules())
-            for path in linear_paths(root, targets):
+            for path in adapter_paths(root, targets):
                 m = modules[path]
                 lora[prefix + path.replace(".", "_")] = LoraWeights(
                     torch.randn(rank, m.in_features, generator=g) * scale,

@@ -20,7 +20,7 @@ PROMPT = "a photo of <sks> on the beach"
 
 
 def _write_edlora(pipe, family, path, layers=None, seed=0, token="<sks>", same_lora_seed=None):
-    from fewshot_personalize.kernels.adapters.lora import LoraWeights, linear_paths
+    from fewshot_personalize.kernels.adapters.lora import LoraWeights, adapter_paths
     from fewshot_personalize.kernels.backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder
     from fewshot_personalize.kernels.backends.diffusers.adapters import adapter_modules
     from fewshot_personalize.kernels.formats.edlora_file import edlora_metadata, edlora_tensors
@@ -32,7 +32,7 @@ def _write_edlora(pipe, family, path, layers=None, seed=0, token="<sks>", same_l
     for prefix, root in adapter_modules(pipe).items():
         targets = ("to_q", "to_k", "to_v", "to_out.0") if prefix == "lora_unet_" else ("q_proj", "v_proj")
         modules = dict(root.named_modules())
-        for p in linear_paths(root, targets):
+        for p in adapter_paths(root, targets):
             m = modules[p]
             lora[prefix + p.replace(".", "_")] = LoraWeights(torch.randn(2, m.in_features, generator=g) * 0.1,
                                                              torch.randn(m.out_features, 2, generator=g) * 0.1, 2.0)

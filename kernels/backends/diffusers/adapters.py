@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ...adapters.lora import merge_lora
+from ...adapters.lora import ADAPTABLE_LAYERS, merge_lora
 from ...core.errors import UserInputError
 from ...engine.seams import Conditioning, Handle
 from ...formats.catversion_file import parse_catversion
@@ -52,7 +52,7 @@ def merge_lora_tensors(pipe, tensors: dict[str, torch.Tensor], source: str, stre
     weights = parse_lora_tensors(tensors, source)
     count = 0
     for prefix, module in adapter_modules(pipe).items():
-        paths = [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        paths = [n for n, m in module.named_modules() if isinstance(m, ADAPTABLE_LAYERS)]
         mapped = from_kohya(weights, prefix, paths)
         s = strength if prefix == "lora_unet_" or text_strength is None else text_strength
         try:
@@ -186,7 +186,7 @@ class PipelineAdapters:
         names = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
         for prefix, mods in modules.items():
             for path, m in mods.items():
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and prefix + path.replace(".", "_") in names and m not in self._saved:
+                if isinstance(m, ADAPTABLE_LAYERS) and prefix + path.replace(".", "_") in names and m not in self._saved:
                     self._saved[m] = m.weight.detach().clone()
         merge_lora_tensors(self.pipe, lora, source, strength)
 

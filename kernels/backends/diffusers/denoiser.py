@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.layerwise_context import routing_pre_hook
-from ...adapters.lora import UNET_TARGETS, linear_paths
+from ...adapters.lora import UNET_TARGETS, adapter_paths
 from ...core.noise_schedule import NoiseSchedule
 from ...engine.seams import AdapterRoot, Conditioning, Handle
 from .pipeline import detect_family, vae_scale
@@ -54,7 +54,7 @@ class DiffusersDenoiser:
                          added_cond_kwargs=added).sample
 
     def adapter_roots(self, targets: tuple[str, ...] = UNET_TARGETS) -> list[AdapterRoot]:
-        return [AdapterRoot("lora_unet_", self.unet, linear_paths(self.unet, targets, within="attn"))]
+        return [AdapterRoot("lora_unet_", self.unet, adapter_paths(self.unet, targets, within="attn"))]
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         if on:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapters.lora import LoraWeights
+from ...adapters.lora import ADAPTABLE_LAYERS, LoraWeights
 from ...core.errors import UserInputError
 from ...formats.lora_file import from_kohya
 from ...formats.safetensors_io import load_safetensors
@@ -127,17 +127,17 @@ def _adapted_modules(pipe, concepts: list[Concept]) -> dict[str, torch.nn.Linear
     """Kohya name → Linear module of every layer any concept adapts (refusing layers the model lacks)."""
     out: dict[str, torch.nn.Linear] = {}
     for prefix, root in adapter_modules(pipe).items():
-        linears = {p: m for p, m in root.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        layers = {p: m for p, m in root.named_modules() if isinstance(m, ADAPTABLE_LAYERS)}
         for c in concepts:
             try:
-                mapped = from_kohya(c.lora, prefix, linears)
+                mapped = from_kohya(c.lora, prefix, layers)
             except UserInputError as e:
                 raise UserInputError(f"{c.source}: {e}") from None
             for path in mapped:
-                if isinstance(linears[path], torch.nn.Conv2d):
+                if isinstance(layers[path], torch.nn.Conv2d):
                     raise UserInputError(f"{c.source}: layer {path} is a convolution; gradient fusion fuses linear "
                                          "layers (train the concepts with attention targets, not 'all')")
-                out[prefix + path.replace(".", "_")] = linears[path]
+                out[prefix + path.replace(".", "_")] = layers[path]
     unknown = [n for c in concepts for n in c.lora if n not in out]
     if unknown:
         raise UserInputError(f"layer {unknown[0]} is not in this model (was the adapter trained on another one?)")

@@ -15,7 +15,7 @@ import torch
 
 from ...adapters.kv_concat import causal_mask, kv_concat_attention
 from ...adapters.layerwise_context import stack_layer_contexts
-from ...adapters.lora import TEXT_TARGETS, linear_paths
+from ...adapters.lora import TEXT_TARGETS, adapter_paths
 from ...adapters.token_embeddings import (Slot, add_placeholders, filler_id, layer_count, splice_placeholders,
                                           substitute)
 from ...engine.seams import AdapterRoot, Conditioning, EncoderInfo, Handle, KVTokens, replace_forwards
@@ -121,7 +121,7 @@ class DiffusersTextEncoder:
         for which, model in enumerate(self.models):
             body = text_transformer(model)
             roots.append(AdapterRoot(text_prefix(self.family, which) + "text_model_", body,
-                                     linear_paths(body, targets, within="self_attn")))
+                                     adapter_paths(body, targets, within="self_attn")))
         return roots
 
     def set_gradient_checkpointing(self, on: bool) -> None:
