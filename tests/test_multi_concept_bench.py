@@ -116,14 +116,29 @@ def test_summary_drop_and_goals():
         return {"seed": 0, "set": 2, "row": row, "concepts": c, "context": "plain", "fidelity": fid, **kw}
 
     records = [rec("alone", [TOY], {TOY: 0.6}, present=1.0), rec("alone", [BALL], {BALL: 0.5}, present=0.5)]
-    for row, f, mix in (("gradient", 0.02, 0.10), ("gradient + regions", 0.10, 0.04)):
-        records.append(rec(row, [TOY, BALL], {TOY: 0.6 - f, BALL: 0.5 - f}, mixing=mix, more_like_other=0.0,
-                           both_present=1.0))
+    for row, f, mix in (("gradient", 0.20, 0.10), ("gradient + regions", 0.25, 0.04)):
+        records.append(rec(row, [TOY, BALL], {TOY: 0.6 - f, BALL: 0.5 - f}, kind="pair", mixing=mix,
+                           more_like_other=0.0, both_present=1.0))
+    # the fused model drawing each concept alone: Mix-of-Show's Table 2a measure, which the goal reads
+    records += [rec("gradient", [TOY], {TOY: 0.59}, kind="single", present=1.0),
+                rec("gradient", [BALL], {BALL: 0.49}, kind="single", present=1.0)]
     s = mc.summarise(records, [2], 1)
     assert s["2"]["alone"]["fidelity"][0] == pytest.approx(0.55)
     assert s["2"]["alone"]["present"][0] == pytest.approx(0.75)
-    assert s["2"]["gradient"]["drop"][0] == pytest.approx(0.02)
+    assert s["2"]["gradient"]["drop"][0] == pytest.approx(0.20)  # single-concept records do not enter it
+    assert s["2"]["gradient"]["single_drop"][0] == pytest.approx(0.01)
+    assert s["2"]["gradient + regions"]["single_drop"] is None  # regions need two prompts: not measured alone
     g = mc.goals(s)["2"]
+    assert g["fidelity_drop"] == pytest.approx(0.01) and g["fidelity_drop_two_concept_images"] == pytest.approx(0.20)
     assert g["fidelity_drop_met"] and g["mixing_halved"]
-    records[-1]["mixing"] = 0.06
-    assert mc.goals(mc.summarise(records, [2], 1))["2"]["mixing_halved"] is False
+    records[-1]["fidelity"] = {BALL: 0.40}
+    records[3]["mixing"] = 0.06
+    g = mc.goals(mc.summarise(records, [2], 1))["2"]
+    assert not g["fidelity_drop_met"] and g["mixing_halved"] is False
+    assert "Table 2a" in mc.markdown(_record(mc.summarise(records, [2], 1)))
+
+
+def _record(summary):
+    return {"settings": {"train_steps": 400, "seeds": 1, "samples": 4, "model": "m", "model_hash": "h", "sets": [2]},
+            "machine": "x", "versions": {"torch": "t"}, "date": "d", "seconds": 60, "summary": summary,
+            "goals": mc.goals(summary), "per_pair": None, "fuse_seconds": {}, "training": []}

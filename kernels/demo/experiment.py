@@ -141,21 +141,25 @@ class Personalized:
 def personalize(pipe, concept: str, recipe: Recipe, seed: int,
                 on_step: Callable[[int, int, float], None] | None = None,
                 references: list[tuple[Image.Image, np.ndarray]] | None = None,
-                augment: AugmentSettings | None = None) -> Personalized | None:
+                augment: AugmentSettings | None = None,
+                background_loss_weight: float = 1.0) -> Personalized | None:
     """Train ``recipe`` on the concept's reference images (or ``references``), then apply its exported files to
     ``pipe`` the way a user's files would be applied (until :meth:`Personalized.remove`). Returns None for the
-    base-model row. With ``augment`` the subject masks go along for background replacement only (the loss still
-    covers the whole image, as without augmentation)."""
+    base-model row. With ``augment`` the subject masks go along for background replacement; the loss covers the
+    whole image unless ``background_loss_weight`` < 1 (a masked loss: the rest of the image weighted that much,
+    which also sends the masks along)."""
     if recipe.steps == 0:
         return None
     c = get_concept(concept)
     refs = references if references is not None else reference_images(c, seed=seed)
     instance = pil_to_tensor([im for im, _ in refs])
-    masks = torch.from_numpy(np.stack([m for _, m in refs])).float()[:, None] if augment is not None else None
+    use_masks = augment is not None or background_loss_weight < 1
+    masks = torch.from_numpy(np.stack([m for _, m in refs])).float()[:, None] if use_masks else None
     class_prompt = f"a {c.cls}"
     cfg = TrainConfig(instance_prompts=f"a {recipe.phrase(c)}", class_prompt=class_prompt if recipe.prior else None,
                       steps=recipe.steps, lr=recipe.lr, resolution=RESOLUTION, seed=seed,
-                      batch_size=recipe.batch_size, augment=augment, background_loss_weight=1.0)
+                      batch_size=recipe.batch_size, augment=augment,
+                      background_loss_weight=background_loss_weight)
     prior = class_images(pipe, class_prompt, recipe.n_class, seed) if recipe.prior else None
     with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), recipe.build(c),
                  TrainData(instance, prior, masks), cfg) as trainer:

@@ -10,10 +10,11 @@ Then every held-out prompt that asks for another context is sampled (2 images ea
 - context: the share in the context the prompt asks for;
 - subject fidelity against the references (masked), as in the main benchmark.
 Without augmentation the masks are not given at all; with it they serve the background replacement only (the loss
-covers the whole image in both), so the difference is the augmentation's.
+covers the whole image in both), so the difference is the augmentation's. ``--background-weights 1,W`` adds the
+same rows with a masked loss (the subject's pixels weighted 1, the rest W), with and without augmentation.
 
-    python tests/benchmarks/augmentation_leakage.py [--seeds 3] [--concepts checker_toy,...] [--methods all]
-        [--presets standard,strong] [--no-baseline] [--keep EARLIER.json]
+    python tests/benchmarks/augmentation_leakage.py [--seeds 3] [--concepts checker_toy,...] [--methods all|KIND,...]
+        [--presets standard,strong] [--no-baseline] [--background-weights 1,W] [--keep EARLIER.json]
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def run(concepts, seeds, recipes, augmentations: dict) -> list[dict]:
             refs = shared_context_references(concept, seed)
             ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
             for recipe in recipes:
-                for label, aug in augmentations.items():
+                for label, (aug, background_weight) in augmentations.items():
                     start = time.perf_counter()
-                    p = personalize(pipe, concept, recipe, seed, references=refs, augment=aug)
+                    p = personalize(pipe, concept, recipe, seed, references=refs, augment=aug,
+                                    background_loss_weight=background_weight)
                     leak, right, fidelity = [], [], []
                     for k, spec in enumerate(specs):
                         imgs = sample(pipe, spec.prompt(recipe.phrase(c)), 2, seed * 1000 + k, p.adapters)
@@ -109,19 +111,35 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--concepts", default="checker_toy")
-    ap.add_argument("--methods", default="all", help="'all' (DreamBooth-LoRA default row, TI, CatVersion, pivotal) "
-                                                     "or 'dreambooth'")
+    ap.add_argument("--methods", default="all",
+                    help="'all' (DreamBooth-LoRA default row, TI, CatVersion, pivotal) or a comma list of method kinds: "
+                         "dreambooth-lora,textual-inversion,catversion,pivotal")
     ap.add_argument("--presets", default="standard", help="augmentation presets compared with none, e.g. standard,strong")
     ap.add_argument("--no-baseline", action="store_true", help="leave out the rows without augmentation")
+    ap.add_argument("--background-weights", default="1",
+                    help="loss weights of the background's pixels, one set of rows each (1: the whole image, as "
+                         "without masks; W < 1: a masked loss), e.g. 1,0.1")
     ap.add_argument("--keep", help="an earlier record (.json) whose runs are kept beside the new ones")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "augmentation_leakage"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    recipes = [DEFAULT_METHOD] + ([m for m in METHODS if m.method in ("textual-inversion", "catversion", "pivotal")]
-                                  if a.methods == "all" else [])
-    augmentations = {} if a.no_baseline else {"none": None}
-    augmentations.update({name: preset(name, scale_tags=False) for name in a.presets.split(",")})
+    kinds = ("dreambooth-lora", "textual-inversion", "catversion", "pivotal")
+    wanted = kinds if a.methods == "all" else tuple(a.methods.replace("dreambooth", "dreambooth-lora")
+                                                    .replace("-lora-lora", "-lora").split(","))
+    if unknown := [k for k in wanted if k not in kinds]:
+        ap.error(f"--methods: unknown {', '.join(unknown)} (known: all, {', '.join(kinds)})")
+    recipes = [r for r in [DEFAULT_METHOD] + [m for m in METHODS if m.method in kinds[1:]] if r.method in wanted]
+    settings = {} if a.no_baseline else {"none": None}
+    settings.update({name: preset(name, scale_tags=False) for name in a.presets.split(",")})
+    try:
+        weights = [float(w) for w in a.background_weights.split(",")]
+    except ValueError:
+        ap.error(f"--background-weights takes numbers separated by commas, got {a.background_weights!r}")
+    if not all(0 <= w <= 1 for w in weights):
+        ap.error(f"--background-weights must each be in [0, 1], got {a.background_weights}")
+    augmentations = {label + ("" if w == 1 else f" + masked loss (background {w:g})"): (aug, w)
+                     for w in weights for label, aug in settings.items()}
     concepts = a.concepts.split(",")
     earlier = json.loads(Path(a.keep).read_text()) if a.keep else {"runs": [], "augment": {}}
     runs = earlier["runs"] + run(concepts, a.seeds, recipes, augmentations)
@@ -130,7 +148,7 @@ def main(argv=None) -> None:
     channels = json.loads((Path(demo_model_path()) / "vae" / "config.json").read_text())["latent_channels"]
     record = {"date": time.strftime("%Y-%m-%d"), "model": "demo model 1" if channels == 4 else "demo model 2",
               "concepts": concepts, "seeds": a.seeds,
-              "augment": earlier["augment"] | {k: v.describe() for k, v in augmentations.items() if v is not None},
+              "augment": earlier["augment"] | {k: v.describe() for k, v in settings.items() if v is not None},
               "runs": runs,
               "summary": summarise(runs)}
     Path(a.out + ".json").write_text(json.dumps(record, indent=1))
