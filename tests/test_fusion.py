@@ -8,6 +8,7 @@ import torch
 
 from fewshot_personalize.kernels.core.errors import UserInputError
 from fewshot_personalize.kernels.multi_concept.fusion import (
+    DEFAULT_RIDGE,
     FusionSums,
     GramAccumulator,
     average_of_deltas,
@@ -119,7 +120,7 @@ def test_orthogonal_inputs_each_concept_keeps_its_outputs_and_the_baselines_do_n
     inputs = [torch.randn(30, 4, generator=g, dtype=F64) @ basis[:, :4].T,
               torch.randn(30, 4, generator=g, dtype=F64) @ basis[:, 4:].T]
     deltas = [torch.randn(OUT, IN, generator=g, dtype=F64) for _ in range(2)]
-    fused = fuse_layer(base, deltas, _grams(inputs))
+    fused = fuse_layer(base, deltas, _grams(inputs), ridge=1e-8)  # the solve itself (the default ridge shrinks)
     candidates = {"sum": sum_of_deltas(base, deltas), "average": average_of_deltas(base, deltas)}
     for x, d in zip(inputs, deltas):
         target = x @ (base + d).T
@@ -132,7 +133,7 @@ def test_orthogonal_inputs_each_concept_keeps_its_outputs_and_the_baselines_do_n
     torch.testing.assert_close(candidates["average"], base + (deltas[0] + deltas[1]) / 2)
 
 
-def test_rank_deficient_inputs_stay_finite_near_the_min_norm_optimum_and_keep_w0_where_unseen():
+def test_rank_deficient_inputs_stay_finite_near_the_optimum_and_take_the_average_where_unseen():
     base, deltas, inputs = _problem([2, 3], seed=4)  # 5 tokens < 8 features: Σ G_i is singular
     grams = _grams(inputs)
     fused = fuse_layer(base, deltas, grams, ridge=1e-6)
@@ -142,10 +143,11 @@ def test_rank_deficient_inputs_stay_finite_near_the_min_norm_optimum_and_keep_w0
     scale = fusion_objective(base, base, deltas, grams)  # the objective of not fusing at all
     assert best < 1e-3 * scale  # the optimum really is better than W0, so the next check has teeth
     assert fusion_objective(fused, base, deltas, grams) - best < 1e-4 * scale
-    # input directions no concept reaches keep the base weight (as LBFGS started from W0 does)
+    # input directions no concept reaches take the ridge's anchor, the weight average (not the min-norm W)
     unseen = torch.linalg.svd(torch.cat(inputs)).Vh[5:]  # [3, in], orthogonal to every recorded row
-    torch.testing.assert_close(unseen @ fused.T, unseen @ base.T, rtol=1e-6, atol=1e-6)
-    assert (unseen @ optimum.T - unseen @ base.T).abs().max() > 1e-2  # min-norm W would not
+    average = average_of_deltas(base, deltas)
+    torch.testing.assert_close(unseen @ fused.T, unseen @ average.T, rtol=1e-6, atol=1e-6)
+    assert (unseen @ optimum.T - unseen @ average.T).abs().max() > 1e-2  # min-norm W would not
 
 
 def test_objective_from_grams_equals_objective_from_raw_activations():
@@ -276,3 +278,45 @@ def test_difference_is_the_solution_minus_the_base():
         x = torch.randn(20, 6, generator=g)
         sums.add(torch.randn(3, 6, generator=g), x.T @ x)
     torch.testing.assert_close(sums.difference(1e-3).float(), sums.solve(base, 1e-3) - base, atol=1e-5, rtol=1e-5)
+
+
+def _prompts_with_shared_padding(concepts: int, prompts: int, seed: int, width: int = 32, pads: int = 40,
+                                 offset: float = 0.02):
+    """Text-feature-like inputs, recorded and held out: per prompt the concept's own token row, then many padding
+    rows that are one shared vector plus a small prompt-dependent offset (what a causal text encoder gives after
+    the last word). Concepts differ only in those offsets, along directions of tiny variance; held-out prompts
+    have new offsets."""
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.randn(width, generator=g, dtype=F64)
+    tokens = [torch.randn(width, generator=g, dtype=F64) for _ in range(concepts)]
+
+    def rows(i: int) -> torch.Tensor:
+        shifted = pad + offset * torch.randn(width, generator=g, dtype=F64)
+        return torch.stack([tokens[i]] + [shifted] * pads)
+
+    return [[torch.cat([rows(i) for _ in range(prompts)]) for i in range(concepts)] for _ in ("recorded", "held out")]
+
+
+def test_concepts_that_agree_get_their_common_weight_back_whatever_the_ridge():
+    base, deltas, inputs = _problem([7, 9, 5], seed=6)
+    same = [deltas[0]] * 3
+    for ridge in (1e-8, DEFAULT_RIDGE, 10.0):
+        torch.testing.assert_close(fuse_layer(base, same, _grams(inputs), ridge=ridge), base + deltas[0])
+
+
+def test_default_ridge_does_not_extrapolate_along_directions_that_only_tell_the_concepts_apart():
+    # The least-squares optimum fits each concept's padding rows exactly by a large weight along the tiny offsets
+    # between them, which new prompts' offsets then amplify (on the demo model, 4 fused concepts drew noise).
+    # The default ridge keeps the fused difference the size of the concepts' own and reproduces each concept
+    # better on prompts it was not fitted to.
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(16, 32, generator=g, dtype=F64) / 32 ** 0.5
+    deltas = [torch.randn(16, 4, generator=g, dtype=F64) @ torch.randn(4, 32, generator=g, dtype=F64) * 0.05
+              for _ in range(4)]
+    recorded, held_out = (_grams(x) for x in _prompts_with_shared_padding(4, 2, seed=2))
+    largest = max(float(d.norm()) for d in deltas)
+    optimum, default = fuse_layer(base, deltas, recorded, ridge=1e-8), fuse_layer(base, deltas, recorded)
+    assert fusion_objective(optimum, base, deltas, recorded) < fusion_objective(default, base, deltas, recorded)
+    assert float((optimum - base).norm()) > 4 * largest  # the failure is real in this problem
+    assert float((default - base).norm()) < largest
+    assert fusion_objective(default, base, deltas, held_out) < 0.9 * fusion_objective(optimum, base, deltas, held_out)

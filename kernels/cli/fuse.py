@@ -7,6 +7,7 @@ import os
 import time
 
 from ..core.errors import UserInputError
+from ..multi_concept.fusion import DEFAULT_RIDGE
 from .common import base_name, resolve_base
 
 
@@ -20,7 +21,9 @@ def add_command(sub) -> None:
                    help="gradient (Mix-of-Show, default), or the weight-fusion baselines sum / average")
     f.add_argument("--rank", type=int, help="rank of the saved difference (default: the concepts' ranks summed, "
                                             "which stores gradient fusion exactly)")
-    f.add_argument("--ridge", type=float, default=1e-4, help="ridge of the least-squares solve, relative (1e-4)")
+    f.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help="ridge of the least-squares solve toward the concepts' weight average, relative to the "
+                        f"inputs' mean eigenvalue (default {DEFAULT_RIDGE:g}; ~0: Eq. 5's exact optimum)")
     f.add_argument("--steps", type=int, default=20, help="sampling steps recorded per prompt (Mix-of-Show: 20)")
     f.add_argument("--samples", type=int, default=2, help="images sampled per prompt while recording")
     f.add_argument("--resolution", type=int)

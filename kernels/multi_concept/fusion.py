@@ -8,14 +8,20 @@ recorded input activations X_i (rows = tokens, [n_i, in]). With A_i = W0 + ΔW_i
 
 The objective only sees the inputs through their Gram matrices G_i = X_iᵀ X_i [in, in], so the activations can be
 streamed (:class:`GramAccumulator`: memory [in, in], whatever the number of tokens) and the optimum solved
-directly (:func:`fuse_layer`):
+directly (:func:`fuse_layer`). With a ridge toward the concepts' weight average W̄ = W0 + (1/N) Σ_i ΔW_i,
 
-    W* = W0 + (Σ_i ΔW_i G_i)(Σ_i G_i + λI)⁻¹
+    W* = argmin_W  Σ_i ‖X_i A_iᵀ − X_i Wᵀ‖²_F + λ ‖W − W̄‖²_F
+       = W0 + (Σ_i ΔW_i G_i + λ ΔW̄)(Σ_i G_i + λI)⁻¹,
 
-which for λ = 0 and full-rank Σ G_i is the normal-equation solution (Σ_i A_i G_i)(Σ_i G_i)⁻¹. The ridge λ pulls
-the *difference* W − W0 (not W) towards zero, so input directions that no concept's activations reach keep the
-base weight, as Mix-of-Show's LBFGS started from W0 does (its gradients never leave the span of the activations);
-a ridge on W itself would map every unseen direction to zero, which breaks prompts unlike the recorded ones.
+which for λ = 0 and full-rank Σ G_i is the normal-equation solution (Σ_i A_i G_i)(Σ_i G_i)⁻¹ of Eq. 5. The exact
+optimum extrapolates: where the concepts' inputs differ only along directions of tiny variance (a text encoder's
+padding positions, shared by every prompt up to a small prompt-dependent offset), it fits every concept's targets
+by a large weight along those directions, and new prompts, whose offsets differ, turn that weight into noise.
+Mix-of-Show's LBFGS, started from W0 and stopped after 50–500 iterations, never travels far along them (early
+stopping acts as a spectral filter); the ridge does the same in closed form. Anchored at W̄ rather than W0:
+directions the inputs cannot tell apart fall back to weight averaging (Mix-of-Show's baseline) instead of the base
+weight, and concepts that agree (ΔW_i all equal) get their common weight back exactly, whatever λ. ``DEFAULT_RIDGE``
+was chosen on held-out activations (other prompts and seeds) of real concepts: README, Several concepts.
 
 Mix-of-Show solves Eq. 5 iteratively with ``torch.optim.LBFGS`` on the raw activations; :func:`fuse_layer_lbfgs`
 does the same, for side-by-side comparisons. :func:`sum_of_deltas` and :func:`average_of_deltas` are the
@@ -32,6 +38,7 @@ import torch
 from ..core.errors import UserInputError
 
 __all__ = [
+    "DEFAULT_RIDGE",
     "GramAccumulator",
     "fuse_layer",
     "FusionSums",
@@ -41,6 +48,10 @@ __all__ = [
     "average_of_deltas",
     "low_rank_difference",
 ]
+
+
+#: λ relative to the mean eigenvalue of Σ G_i (see :func:`fuse_layer`)
+DEFAULT_RIDGE = 0.1
 
 
 def _float64_device(device: torch.device) -> torch.device:
@@ -162,14 +173,16 @@ def _checked(base: torch.Tensor, deltas: Sequence[torch.Tensor],
 
 
 def fuse_layer(base: torch.Tensor, deltas: Sequence[torch.Tensor],
-               grams: Sequence[torch.Tensor | GramAccumulator], ridge: float = 1e-4) -> torch.Tensor:
-    """Mix-of-Show's fused weight (§3.3, Eq. 5) in closed form: W* = W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹.
+               grams: Sequence[torch.Tensor | GramAccumulator], ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """Mix-of-Show's fused weight (§3.3, Eq. 5) in closed form, with a ridge toward the weight average:
+    W* = W0 + (Σ ΔW_i G_i + λ ΔW̄)(Σ G_i + λI)⁻¹ (module docstring).
 
     ``base`` W0 [out, in] or [out, in, 1, 1]; ``deltas`` ΔW_i of the same shape; ``grams`` G_i = X_iᵀX_i
-    [in, in] (tensors or :class:`GramAccumulator`). The ridge is unit-free: λ = ridge · trace(Σ G_i) / in; it
-    keeps the solve defined for rank-deficient inputs (fewer tokens than features), where input directions
-    no concept reaches keep W0. Solved with a Cholesky factorisation in float64 (``ridge=0`` with a singular
-    Σ G_i falls back to the minimum-norm least-squares solution); returned in ``base``'s dtype, shape and device.
+    [in, in] (tensors or :class:`GramAccumulator`). The ridge is unit-free: λ = ridge · trace(Σ G_i) / in
+    (``ridge`` times the inputs' mean eigenvalue); a tiny one (1e-8) gives Eq. 5's least-squares optimum, and any
+    positive one keeps the solve defined for rank-deficient inputs (fewer tokens than features). Solved with a
+    Cholesky factorisation in float64 (``ridge=0`` with a singular Σ G_i falls back to the minimum-norm
+    least-squares solution); returned in ``base``'s dtype, shape and device.
     """
     _check_ridge(ridge)
     _, flat_deltas, flat_grams = _checked(base, deltas, grams)
@@ -185,12 +198,15 @@ def _check_ridge(ridge: float) -> None:
 
 
 class FusionSums:
-    """The two sums Eq. 5's solution needs, Σ G_i [in, in] and Σ ΔW_i G_i [out, in], accumulated concept by
-    concept, so a layer's memory does not grow with the number of concepts (each G_i can be dropped once added)."""
+    """The sums the fused weight needs, Σ G_i [in, in], Σ ΔW_i G_i [out, in] and Σ ΔW_i (for the ridge's anchor),
+    accumulated concept by concept, so a layer's memory does not grow with the number of concepts (each G_i can be
+    dropped once added)."""
 
     def __init__(self):
         self.gram: torch.Tensor | None = None
         self.rhs: torch.Tensor | None = None
+        self.delta_sum: torch.Tensor | None = None
+        self.concepts = 0
 
     def add(self, delta: torch.Tensor, gram: torch.Tensor | GramAccumulator) -> None:
         """One concept: its ΔW_i ([out, in] or a 1×1 conv weight) and G_i."""
@@ -202,10 +218,12 @@ class FusionSums:
         g = g.to(torch.float64)
         self.gram = g.clone() if self.gram is None else self.gram + g
         self.rhs = d @ g if self.rhs is None else self.rhs + d @ g
+        self.delta_sum = d.clone() if self.delta_sum is None else self.delta_sum + d
+        self.concepts += 1
 
-    def difference(self, ridge: float = 1e-4) -> torch.Tensor:
-        """W* − W0 = (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ [out, in] in float64: it needs no base weight, so a back end that
-        patches weights (ComfyUI) can add it as a difference."""
+    def difference(self, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+        """W* − W0 = (Σ ΔW_i G_i + λ ΔW̄)(Σ G_i + λI)⁻¹ [out, in] in float64: it needs no base weight, so a back end
+        that patches weights (ComfyUI) can add it as a difference."""
         _check_ridge(ridge)
         if self.gram is None:
             raise UserInputError("fusion needs at least one concept (got no LoRA differences)")
@@ -215,16 +233,19 @@ class FusionSums:
         if not scale > 0:
             raise UserInputError("the concepts' Gram matrices are all zero (no activations recorded): nothing to "
                                  "fuse on")
-        system = total + (ridge * scale) * torch.eye(in_features, dtype=torch.float64, device=total.device)
+        lam = ridge * scale
+        system = total + lam * torch.eye(in_features, dtype=torch.float64, device=total.device)
+        rhs = self.rhs + (lam / self.concepts) * self.delta_sum
         # D (S + λI) = R  ⇔  (S + λI) Dᵀ = Rᵀ, S symmetric
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info) == 0:
-            return torch.cholesky_solve(self.rhs.T, factor).T
+            return torch.cholesky_solve(rhs.T, factor).T
         # only reachable with ridge = 0 (or a tiny one) on singular inputs: minimum-norm solution
-        return torch.linalg.lstsq(system.cpu(), self.rhs.T.cpu(), driver="gelsd").solution.to(total.device).T
+        return torch.linalg.lstsq(system.cpu(), rhs.T.cpu(), driver="gelsd").solution.to(total.device).T
 
-    def solve(self, base: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-        """W* = W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹ (see :func:`fuse_layer`), in ``base``'s dtype, shape and device."""
+    def solve(self, base: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+        """W* = W0 + (Σ ΔW_i G_i + λ ΔW̄)(Σ G_i + λI)⁻¹ (see :func:`fuse_layer`), in ``base``'s dtype, shape and
+        device."""
         if self.gram is None:
             raise UserInputError("fusion needs at least one concept (got no LoRA differences)")
         w0 = _flat(base, "the base weight").to(device=self.gram.device, dtype=torch.float64)

@@ -26,7 +26,7 @@ from ...kernels.core.errors import UserInputError
 from ...kernels.formats.fused_file import fused_metadata, fused_tensors
 from ...kernels.formats.lora_file import lora_metadata, lora_tensors
 from ...kernels.formats.concept_file import Concept, check_distinct_tokens, concept_from_tensors
-from ...kernels.multi_concept.fusion import FusionSums, low_rank_difference, record_grams
+from ...kernels.multi_concept.fusion import DEFAULT_RIDGE, FusionSums, low_rank_difference, record_grams
 from .adapter import Adapter, apply_adapter
 from .families import clip_family, model_family
 from .layerwise import cross_attention_order, layerwise_vectors, with_tokens
@@ -104,7 +104,7 @@ def _layers(model, clip, concepts: list[Concept]) -> dict[str, _Layer]:
 
 
 def fuse_on_comfy(model, clip, sources: list[ConceptFile], fusion: str = "gradient", *, latent: torch.Tensor,
-                  samples: int = 2, sample_steps: int = 20, cfg: float = 7.5, seed: int = 0, ridge: float = 1e-4,
+                  samples: int = 2, sample_steps: int = 20, cfg: float = 7.5, seed: int = 0, ridge: float = DEFAULT_RIDGE,
                   rank: int = 0, progress: Progress | None = None, tap: Tap | None = None) -> Fused:
     """Fuse the concepts of ``sources`` (see the module docstring). ``latent``: [1, C, h, w], the size recording
     samples are drawn at; ``rank``: of the saved difference (0 = the summed concept ranks, exact)."""

@@ -40,7 +40,7 @@ object's region to the concept's reference photos (their masks), averaged over t
 Means over seeds ± std over seeds. Fusion times are fuse_concepts' wall time; training times the engine's.
 
     .venv/bin/python tests/benchmarks/multi_concept.py [--seeds 3] [--concepts 2|4|both] [--steps N] [--samples 4]
-        [--out-dir tests/benchmarks] [--model DIR] [--work DIR] [--threads 1]
+        [--out-dir tests/benchmarks] [--model DIR] [--work DIR] [--threads 1] [--ridge X]
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def halves(pair, context: str):
                                                                                  prompts))]
 
 
-def sample_seed(pipe, ev, seed: int, sets: list[int], files: dict[str, dict], samples: int, log) -> dict:
+def sample_seed(pipe, ev, seed: int, sets: list[int], files: dict[str, dict], samples: int, log,
+                ridge: float | None = None) -> dict:
     """Every row of every set for one seed: per-prompt metrics, fusion times, and the first image of each prompt
     (with the evaluator's pairing) for the grid."""
     from fewshot_personalize.kernels.backends.diffusers.adapters import PipelineAdapters
@@ -270,7 +271,7 @@ def sample_seed(pipe, ev, seed: int, sets: list[int], files: dict[str, dict], sa
             concepts = [load_concept(pipe, files[c]["path"], f"a {token(c)}") for c in SETS[n]]
             t = time.perf_counter()
             fused = fuse_concepts(pipe, concepts, fusion, sample_steps=SAMPLE_STEPS, samples=2, guidance=GUIDANCE,
-                                  resolution=RESOLUTION, seed=seed)
+                                  resolution=RESOLUTION, seed=seed, **({} if ridge is None else {"ridge": ridge}))
             fuse_s[f"{n}:{fusion}"] = time.perf_counter() - t
             try:
                 for c in SETS[n]:  # one concept per image, the alone row's seeds: Mix-of-Show's Table 2a measure
@@ -388,7 +389,8 @@ def markdown(record: dict) -> str:
     st = record["settings"]
     lines = [f"Demo-world multi-concept benchmark (Mix-of-Show §4; issue 15 §4): ED-LoRA per concept "
              f"({st['train_steps']} steps), {st['seeds']} seed(s), {len(CONTEXTS)} contexts × {st['samples']} images "
-             f"per two-concept prompt, every pair of the set. Model {st['model']} ({st['model_hash']}); "
+             f"per two-concept prompt, every pair of the set; gradient fusion's ridge {st.get('ridge', 1e-4):g}. "
+             f"Model {st['model']} ({st['model_hash']}); "
              f"{record['machine']}, torch {record['versions']['torch']}, {record['date']}, "
              f"{record['seconds'] / 60:.0f} min in all. Mean ± std over seeds.", "",
              "| concepts | row | one concept per image: fidelity ↑ | its drop vs alone ↓ | two concepts per image: "
@@ -496,6 +498,12 @@ def grid(shown: dict, sets: list[int], seed: int):
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def _default_ridge() -> float:
+    from fewshot_personalize.kernels.multi_concept.fusion import DEFAULT_RIDGE
+
+    return DEFAULT_RIDGE
+
+
 def versions() -> dict:
     import diffusers
     import transformers
@@ -521,6 +529,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="demo model folder (default: the shipped demo model)")
     ap.add_argument("--work", type=Path, default=cache_root() / "bench_multi", help="cache of trained ED-LoRAs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ridge", type=float, help="gradient fusion's relative ridge (default: fuse_concepts' default)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.model:
@@ -546,7 +555,7 @@ def main() -> None:
             training.append({"concept": c, "seed": seed, **files[c]})
             log(f"seed {seed}: {c} {'from the cache' if files[c]['cached'] else 'trained'} "
                 f"({files[c]['train_seconds']:.0f} s)")
-        out = sample_seed(pipe, ev, seed, sets, files, a.samples, log)
+        out = sample_seed(pipe, ev, seed, sets, files, a.samples, log, a.ridge)
         records += out["records"]
         baselines[seed] = out["baseline"]
         for k, v in out["fuse_seconds"].items():
@@ -559,6 +568,7 @@ def main() -> None:
                            "contexts": [c.strip() or "plain" for c in CONTEXTS], "samples": a.samples,
                            "recipe": dataclasses.asdict(recipe(names[0])) | {"token": "<ck>"},
                            "train_steps": recipe(names[0]).steps, "model": str(model_dir), "model_hash": model_key,
+                           "ridge": a.ridge if a.ridge is not None else _default_ridge(),
                            "fusion_recording": "instance prompt 'a <ck>', 2 samples x 20 DPM steps, guidance 4",
                            "regions": "left half (0,0,32,64): 'a <ca>[ context]'; right half (32,0,64,64): "
                                       "'a <cb>[ context]'; global: the two-concept prompt"},

@@ -28,7 +28,7 @@ from ...core.errors import UserInputError
 from ...formats.lora_file import from_kohya
 from ...formats.safetensors_io import load_safetensors
 from ...formats.concept_file import Concept, check_distinct_tokens, concept_from_tensors
-from ...multi_concept.fusion import FusionSums, low_rank_difference, record_grams
+from ...multi_concept.fusion import DEFAULT_RIDGE, FusionSums, low_rank_difference, record_grams
 from .adapters import PipelineAdapters, adapter_modules
 from .denoiser import DiffusersDenoiser
 from .generate import generate_images
@@ -82,7 +82,7 @@ class FusedConcepts:
         self.adapters.remove()
 
 
-def fuse_concepts(pipe, concepts: list[Concept], fusion: str = "gradient", *, ridge: float = 1e-4,
+def fuse_concepts(pipe, concepts: list[Concept], fusion: str = "gradient", *, ridge: float = DEFAULT_RIDGE,
                   sample_steps: int = 20, samples: int = 2, guidance: float = 7.5, resolution: int | None = None,
                   seed: int = 0, progress: Progress | None = None, tap: Tap | None = None) -> FusedConcepts:
     """Fuse ``concepts`` into ``pipe`` (see the module docstring); returns what was done, for sampling and saving."""
