@@ -21,7 +21,7 @@ Mix-of-Show's LBFGS, started from W0 and stopped after 50–500 iterations, neve
 stopping acts as a spectral filter); the ridge does the same in closed form. Anchored at W̄ rather than W0:
 directions the inputs cannot tell apart fall back to weight averaging (Mix-of-Show's baseline) instead of the base
 weight, and concepts that agree (ΔW_i all equal) get their common weight back exactly, whatever λ. ``DEFAULT_RIDGE``
-was chosen on held-out activations (other prompts and seeds) of real concepts: README, Several concepts.
+was chosen on real concepts' images and held-out activations (tests/benchmarks/fusion_ridge.md).
 
 Mix-of-Show solves Eq. 5 iteratively with ``torch.optim.LBFGS`` on the raw activations; :func:`fuse_layer_lbfgs`
 does the same, for side-by-side comparisons. :func:`sum_of_deltas` and :func:`average_of_deltas` are the
