@@ -114,3 +114,19 @@ def test_no_load_path_unpickles():
                         and kw.get("use_safetensors") != "True" and "folder_kwargs" not in kw.get(None, ""):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {f} without use_safetensors=True")
     assert not found, "\n".join(found)
+
+
+def test_the_repository_root_is_no_top_level_import_location_once_the_package_is_imported():
+    # kernels/ shares its name with Hugging Face's `kernels` distribution, which transformers >= 5.25 imports at top
+    # level: run from the repository root (`python -m fewshot_personalize ...`), ours would shadow it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, sys; import fewshot_personalize; import importlib.util as u; "
+            "spec = u.find_spec('kernels'); "
+            "print(any(os.path.abspath(p or os.curdir) == os.getcwd() for p in sys.path), "
+            "spec is not None and os.path.dirname(os.path.abspath(spec.origin or '')) == os.path.join(os.getcwd(), 'kernels'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], out
