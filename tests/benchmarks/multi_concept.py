@@ -498,12 +498,6 @@ def grid(shown: dict, sets: list[int], seed: int):
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def _default_ridge() -> float:
-    from fewshot_personalize.kernels.multi_concept.fusion import DEFAULT_RIDGE
-
-    return DEFAULT_RIDGE
-
-
 def versions() -> dict:
     import diffusers
     import transformers
@@ -538,6 +532,7 @@ def main() -> None:
     from fewshot_personalize.kernels.demo.evaluator import Evaluator
     from fewshot_personalize.kernels.demo.experiment import demo_pipeline
     from fewshot_personalize.kernels.demo.model import demo_model_path
+    from fewshot_personalize.kernels.multi_concept.fusion import DEFAULT_RIDGE
 
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
@@ -568,7 +563,7 @@ def main() -> None:
                            "contexts": [c.strip() or "plain" for c in CONTEXTS], "samples": a.samples,
                            "recipe": dataclasses.asdict(recipe(names[0])) | {"token": "<ck>"},
                            "train_steps": recipe(names[0]).steps, "model": str(model_dir), "model_hash": model_key,
-                           "ridge": a.ridge if a.ridge is not None else _default_ridge(),
+                           "ridge": a.ridge if a.ridge is not None else DEFAULT_RIDGE,
                            "fusion_recording": "instance prompt 'a <ck>', 2 samples x 20 DPM steps, guidance 4",
                            "regions": "left half (0,0,32,64): 'a <ca>[ context]'; right half (32,0,64,64): "
                                       "'a <cb>[ context]'; global: the two-concept prompt"},
