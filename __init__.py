@@ -19,10 +19,6 @@ def _hide_repository_root_from_imports() -> None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    shadow = sys.modules.get("kernels")
-    if shadow is not None and os.path.dirname(os.path.abspath(getattr(shadow, "__file__", None) or "")) == os.path.join(
-            here, "kernels"):
-        del sys.modules["kernels"]
 
 
 _hide_repository_root_from_imports()

@@ -30,15 +30,12 @@ RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def anchored_at_base(base, deltas, grams, ridge: float) -> torch.Tensor:
-    """W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹: the ridge pulls W − W0 to zero (the anchor before this benchmark)."""
-    from fewshot_personalize.kernels.multi_concept import fusion as F
-
-    zero = torch.zeros_like(deltas[0])
-    sums = F.FusionSums()
-    for d, g in zip(deltas, grams):
-        sums.add(d, g)
-    sums.delta_sum, sums.concepts = zero, 1  # an anchor of ΔW = 0
-    return base + sums.difference(ridge)
+    """W0 + (Σ ΔW_i G_i)(Σ G_i + λI)⁻¹, λ = ridge × the mean eigenvalue: the ridge pulls W − W0 to zero (fusion's
+    anchor before this benchmark)."""
+    total = sum(grams)
+    lam = ridge * float(torch.diagonal(total).sum()) / total.shape[0]
+    rhs = sum(d @ g for d, g in zip(deltas, grams))
+    return base + torch.linalg.solve(total + lam * torch.eye(total.shape[0], dtype=total.dtype), rhs.T).T
 
 
 def main() -> None:
