@@ -67,11 +67,32 @@ def demo_model_path() -> Path:
     return path
 
 
-def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0, latent_channels: int | None = None):
+#: noise schedules of the demo model: SD1's scaled-linear betas, trained as ε-prediction (demo model 1, and model 2
+#: up to 27,372 steps), or rescaled to zero terminal SNR with v-prediction (Lin et al., "Common diffusion noise
+#: schedules and sample steps are flawed", WACV 2024, §3.1–3.3: at ᾱ_T = 0.0047 a model learns to read each latent
+#: channel's mean from x_T and draws washed-out scenes from pure noise; tests/benchmarks/terminal_snr.md)
+SCHEDULES = {"epsilon": {"prediction_type": "epsilon"},
+             "v-zero-snr": {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                            "timestep_spacing": "trailing"}}
+DEFAULT_SCHEDULE = "v-zero-snr"
+
+
+def build_scheduler(schedule: str = DEFAULT_SCHEDULE):
+    """The DDPM training schedule ``schedule`` (a key of :data:`SCHEDULES`)."""
+    from diffusers import DDPMScheduler
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, **SCHEDULES[schedule])
+
+
+def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0, latent_channels: int | None = None,
+                    schedule: str = DEFAULT_SCHEDULE):
     """Fresh (random) UNet, VAE, text encoder, tokenizer and DDPM schedule of the demo architecture
     (``latent_channels``: another latent width than :data:`VAE_CONFIG`'s, for measuring alternatives)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..testing.word_tokenizer import write_clip_tokenizer
@@ -85,6 +106,4 @@ def build_untrained(tokenizer_dir: str | os.PathLike, seed: int = 0, latent_chan
     text = CLIPTextModel(CLIPTextConfig(vocab_size=ids["vocab_size"], bos_token_id=ids["bos_token_id"],
                                         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], **TEXT_CONFIG))
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False)
-    return unet, vae, text, tokenizer, scheduler
+    return unet, vae, text, tokenizer, build_scheduler(schedule)

@@ -46,7 +46,7 @@ from ..core.cache import cache_root
 from ..core.atomic_write import atomic_write_text
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
-from .model import HOLDOUT, MODEL_DIR, RESOLUTION, VAE_CONFIG, build_untrained
+from .model import DEFAULT_SCHEDULE, HOLDOUT, MODEL_DIR, RESOLUTION, SCHEDULES, VAE_CONFIG, build_untrained
 from .unet_training import make_optimizer, train_unet
 from .vae_training import pixel_error, to_pixels, train_vae
 
@@ -164,10 +164,13 @@ def _checkpointer(work: WorkFolder, name: str, modules: dict, optimizer, session
 def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = None, seed: int = 0,
              n_images: int = N_SCENES, vae_minutes: float = 60, unet_minutes: float = 300, threads: int = 2,
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
-             measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None) -> dict:
+             measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
+             schedule: str = DEFAULT_SCHEDULE) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
-    continue from where no work folder exists yet."""
+    continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
+    (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
+    carries the last session's)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -187,11 +190,12 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "torch": torch.__version__,
                **({"continued_from": str(from_dir)} if seeded else {}),
                "machine": f"{platform.machine()} {platform.processor()}".strip(),
-               "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60}
+               "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60, "schedule": schedule}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
     tok_dir = work.path / "tokenizer"
-    unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"])
+    unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"],
+                                                    schedule=schedule)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
         nets = {"vae": vae} if work.stage("unet")["steps"] == 0 else {"vae": vae, "unet": unet, "text": text}
@@ -252,7 +256,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),
                batch=UNET_BATCH, cooldown=cooldown, checkpoint_every_s=checkpoint_every_s,
                on_checkpoint=_checkpointer(work, "unet", nets, opt, session),
-               session_s=max(0.0, deadline - time.perf_counter()))
+               session_s=max(0.0, deadline - time.perf_counter()),
+               prediction_type=scheduler.config.prediction_type)
 
     record = {"settings": settings, "work": str(work.path), "sessions": progress["sessions"],
               "vae": work.stage("vae"), "latent_scaling_factor": scale, "unet": work.stage("unet"),
@@ -311,13 +316,15 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--session-minutes", type=float, default=float("inf"),
                     help="stop this session after M minutes and write --out from the state reached (resumable)")
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
+                    help=f"noise schedule of this session's UNet steps (default {DEFAULT_SCHEDULE}; recorded per session)")
     ap.add_argument("--from", dest="from_dir", help="a model folder an earlier (unfinished) run wrote: continue "
                     "from it where the work folder is new (e.g. on another machine)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
-                   session_minutes=a.session_minutes, from_dir=a.from_dir)
+                   session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 

@@ -1,6 +1,7 @@
 """Training the demo model's UNet and text encoder jointly on cached latents of captioned world scenes.
 
-ε-prediction DDPM loss (Ho et al. 2020 eq. 14), 10 % empty captions for classifier-free guidance (Ho & Salimans
+DDPM loss (Ho et al. 2020 eq. 14) towards ε or v (Salimans & Ho 2022 §4; with the zero-terminal-SNR schedule,
+Lin et al. 2024 §3.2), 10 % empty captions for classifier-free guidance (Ho & Salimans
 2022), gradient clipping at 1, and an EMA copy of both networks (decay 0.999, warmed up as (1+n)/(10+n)) that is
 what gets saved. Learning rate: warm-up over 100 steps, constant, then a linear decay to zero over the last
 ``cooldown`` fraction of the time budget (the decay phase of a warmup-stable-decay schedule; time-based because the
@@ -14,6 +15,7 @@ import logging
 import numpy as np
 import torch
 
+from ..core.noise_schedule import NoiseSchedule
 from .time_budget import OnCheckpoint, TimeBudget
 
 log = logging.getLogger(__name__)
@@ -37,12 +39,14 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
                latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, *, budget_s: float, done_s: float,
                done_steps: int, seed: int, base_lrs: tuple[float, float], batch: int = 32, ema_decay: float = 0.999,
                p_uncond: float = 0.1, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
-               on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf")) -> dict:
+               on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf"),
+               prediction_type: str = "epsilon") -> dict:
     """``nets``: ``unet``, ``text`` and their EMA copies ``ema_unet``, ``ema_text``. Trains until ``budget_s``
     seconds have been spent in all sessions or ``session_s`` in this one; ``done_steps`` continues the warm-up and EMA counters.
     ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end."""
     unet, text, ema_unet, ema_text = nets["unet"], nets["text"], nets["ema_unet"], nets["ema_text"]
     g = torch.Generator().manual_seed(seed)
+    schedule = NoiseSchedule(alphas_cumprod, prediction_type)
     params = list(unet.parameters()) + list(text.parameters())
     pairs = [(pe, p) for m_ema, m in ((ema_unet, unet), (ema_text, text))
              for pe, p in zip(m_ema.parameters(), m.parameters())]
@@ -56,13 +60,12 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
         tok = ids[idx].clone()
         tok[torch.rand(batch, generator=g) < p_uncond] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, len(alphas_cumprod), (batch,), generator=g)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        t = torch.randint(0, schedule.num_timesteps, (batch,), generator=g)
+        x_t = schedule.add_noise(x0, noise, t)
         factor = lr_factor(step, clock.progress(), 100, cooldown)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, text(tok)[0]).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(x_t, t, text(tok)[0]).sample, schedule.target(x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

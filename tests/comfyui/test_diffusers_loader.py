@@ -98,9 +98,11 @@ def test_v_prediction_model_predicts_v(tmp_path):
         assert torch.allclose(den.predict(x, t, Conditioning(ctx)), unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-4)
 
 
-def test_demo_architecture_round_trips(tmp_path):
+@pytest.mark.parametrize("schedule", ["epsilon", "v-zero-snr"])
+def test_demo_architecture_round_trips(tmp_path, schedule):
     """The demo model's architecture (3-level 4× VAE, 3-level UNet, 4-layer CLIP; random weights here, the shipped
-    weights may not exist yet) loads into ComfyUI objects that reproduce diffusers."""
+    weights may not exist yet) loads into ComfyUI objects that reproduce diffusers, with either of its noise
+    schedules (the denoiser's prediction in the model's own type: ε, or v on the zero-terminal-SNR schedule)."""
     from diffusers import StableDiffusionPipeline
 
     from fewshot_personalize.kernels.demo.model import build_untrained
@@ -109,7 +111,7 @@ def test_demo_architecture_round_trips(tmp_path):
     from fewshot_personalize.nodes.backend.text_encoder import ComfyTextEncoder
     from fewshot_personalize.nodes.backend.diffusers_loader import load_diffusers_folder
 
-    unet, vae_d, text, tok, sched = build_untrained(tmp_path / "tok")
+    unet, vae_d, text, tok, sched = build_untrained(tmp_path / "tok", schedule=schedule)
     pipe = StableDiffusionPipeline(vae=vae_d, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(tmp_path / "demo"), safe_serialization=True)
@@ -122,8 +124,11 @@ def test_demo_architecture_round_trips(tmp_path):
     z = torch.randn(1, n, 16, 16, generator=g)
     ids = tok(["a photo of sks toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.allclose(ComfyDenoiser(model, vae).predict(x, t, Conditioning(ctx)),
-                              unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-4)
+        den = ComfyDenoiser(model, vae)
+        assert den.schedule.prediction_type == sched.config.prediction_type
+        assert torch.allclose(den.schedule.alphas_cumprod[:-1], sched.alphas_cumprod[:-1].double(), atol=1e-6)
+        assert torch.allclose(den.predict(x, t, Conditioning(ctx)), unet(x, t, encoder_hidden_states=ctx).sample,
+                              atol=1e-4)
         assert torch.allclose(ComfyTextEncoder(clip, "sd1").encode(["a photo of sks toy"]).context, text(ids)[0], atol=1e-4)
         ref = (vae_d.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         assert torch.allclose(vae.decode(z), ref, atol=1e-3)
