@@ -51,6 +51,23 @@ def test_class_images_are_generated_once_and_reused(tiny_sd, image_folder, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == first
 
 
+def test_class_image_cache_follows_the_model_weights(tiny_sd, tmp_path):
+    """The default class-image folder is keyed by the model's weight files, not only its path: a model rewritten
+    in place gets a fresh folder; an untouched one keeps its folder."""
+    import shutil
+
+    from fewshot_personalize.kernels.backends.diffusers.class_images import default_cache_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    before = default_cache_dir(str(model), "a toy", 64)
+    assert default_cache_dir(str(model), "a toy", 64) == before
+    assert default_cache_dir(str(model), "a dog", 64) != before
+    weights = next(model.glob("unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # the same path, other weights
+    assert default_cache_dir(str(model), "a toy", 64) != before
+
+
 def test_resume_after_interrupt(tiny_sd, image_folder, tmp_path, capsys, monkeypatch):
     from fewshot_personalize.kernels.engine import loop as trainer_mod
 

@@ -14,9 +14,28 @@ from ...core.images import IMAGE_EXTENSIONS
 
 
 def default_cache_dir(base: str, class_prompt: str, resolution: int) -> Path:
-    """``$FEWSHOT_CACHE`` (or ``~/.cache/fewshot_personalize``)/class_images/<hash of base, prompt, size>."""
-    key = hashlib.sha256(f"{os.path.abspath(base) if base != 'demo' else 'demo'}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
+    """``$FEWSHOT_CACHE`` (or ``~/.cache/fewshot_personalize``)/class_images/<hash of base, its weight files'
+    identity, prompt, size>: a model replaced at the same path (a new shipped demo model, a retrained folder) gets
+    class images of its own instead of the old model's."""
+    path = Path(_resolve_base(base)).resolve()
+    key = hashlib.sha256(f"{path}|{_weights_identity(path)}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
     return cache_root() / "class_images" / key
+
+
+def _resolve_base(base: str) -> str:
+    if base != "demo":
+        return base
+    from ...demo.model import demo_model_path
+
+    return str(demo_model_path())
+
+
+def _weights_identity(path: Path) -> str:
+    """Name, size and modification time of every file of a model folder (or of the single checkpoint file): cheap
+    for multi-GB models, and changed by any rewrite of the weights."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return ";".join(f"{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                    for p in files)
 
 
 def count_images(folder: Path) -> int:
