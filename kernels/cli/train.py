@@ -165,7 +165,7 @@ def cmd_train(a) -> int:
         folder = a.class_images
         if a.num_class_images or not folder:
             num = a.num_class_images or 100
-            folder = folder or str(default_cache_dir(a.base, a.class_prompt, cfg.resolution))
+            folder = folder or str(default_cache_dir(resolve_base(a.base), a.class_prompt, cfg.resolution))
             use_sampler(pipe, "dpm")
             have = count_images(Path(folder))
             procs.wait()  # every process counted the images there before any adds one; then each makes its share

@@ -13,21 +13,13 @@ from ...core.cache import cache_root
 from ...core.images import IMAGE_EXTENSIONS
 
 
-def default_cache_dir(base: str, class_prompt: str, resolution: int) -> Path:
+def default_cache_dir(base: str | os.PathLike, class_prompt: str, resolution: int) -> Path:
     """``$FEWSHOT_CACHE`` (or ``~/.cache/fewshot_personalize``)/class_images/<hash of base, its weight files'
     identity, prompt, size>: a model replaced at the same path (a new shipped demo model, a retrained folder) gets
     class images of its own instead of the old model's."""
-    path = Path(_resolve_base(base)).resolve()
+    path = Path(base).resolve()
     key = hashlib.sha256(f"{path}|{_weights_identity(path)}|{class_prompt}|{resolution}".encode()).hexdigest()[:12]
     return cache_root() / "class_images" / key
-
-
-def _resolve_base(base: str) -> str:
-    if base != "demo":
-        return base
-    from ...demo.model import demo_model_path
-
-    return str(demo_model_path())
 
 
 def _weights_identity(path: Path) -> str:
