@@ -96,7 +96,8 @@ def main() -> None:
     lines = ["# Terminal SNR: does the model read the image left in x_T?", "",
              f"`tests/benchmarks/terminal_snr.py`, {a.captions} seen captions, one sample each, the demo sampler; "
              "recognition by the demo evaluator (class / colour / context / all three). Rows of "
-             "terminal_snr.png: per model, one per x_T (first 16 captions).", "",
+             "terminal_snr.png: per model, one per x_T (first 16 captions). On the zero-terminal-SNR schedule "
+             "√ᾱ_T = 0 at training, so the three x_T are the same noise there (the sampler's ᾱ_T is 2⁻²⁴).", "",
              "| model | x_T | class | colour | context | all |", "|---|---|---:|---:|---:|---:|"]
     for label, r in results.items():
         for mode in (*MODES, "ideal renders"):
