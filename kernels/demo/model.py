@@ -68,7 +68,7 @@ def demo_model_path() -> Path:
 
 
 #: noise schedules of the demo model: SD1's scaled-linear betas, trained as ε-prediction (demo model 1, and model 2
-#: up to 27,372 steps), or rescaled to zero terminal SNR with v-prediction (Lin et al., "Common diffusion noise
+#: up to 27,611 steps), or rescaled to zero terminal SNR with v-prediction (Lin et al., "Common diffusion noise
 #: schedules and sample steps are flawed", WACV 2024, §3.1–3.3: at ᾱ_T = 0.0047 a model learns to read each latent
 #: channel's mean from x_T and draws washed-out scenes from pure noise; tests/benchmarks/terminal_snr.md)
 SCHEDULES = {"epsilon": {"prediction_type": "epsilon"},

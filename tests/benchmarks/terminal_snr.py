@@ -13,9 +13,9 @@ guidance 4):
   i.e. what training showed the model at t = T;
 - ``x_T from the image's channel means``: the same with x0 replaced by its per-channel mean (only the lowest
   frequency leaks), which tells whether offset noise (a per-channel constant) can be the remedy.
-The demo evaluator's recognition of class, colour and context on both (model_quality.recognition). A model that
-learned everything from the caption draws both alike; a gap in context is the flaw. Offset noise in pretraining
-(unet_training.py) is the fix measured here.
+The demo evaluator's recognition of class, colour and context on each (model_quality.recognition). A model that
+learned everything from the caption draws all three alike; a gap in context is the flaw. The remedy measured here
+is pretraining's ``--schedule v-zero-snr`` (model.SCHEDULES).
 
     .venv/bin/python tests/benchmarks/terminal_snr.py --model DIR [--model DIR2 ...] [--captions 80] [--threads 1]
 """
@@ -50,15 +50,16 @@ def measure(model: str, n: int) -> tuple[dict, list[list[Image.Image]]]:
     ab_t = pipe.scheduler.alphas_cumprod[-1]
     size = pipe.unet.config.sample_size
     rows, out = [], {"alpha_bar_T": float(ab_t), "captions": n}
+    with torch.no_grad():  # every render encoded once, for both modes that use it
+        latents = pipe.vae.encode(pil_to_tensor(renders)).latent_dist.mean * pipe.vae.config.scaling_factor
     for mode in MODES:
         images = []
-        for i, (caption, render) in enumerate(zip(captions, renders)):
+        for i, (caption, x0) in enumerate(zip(captions, latents)):
             eps = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(i))
             if mode == "pure noise":
                 x_t = eps
             else:
-                with torch.no_grad():
-                    x0 = pipe.vae.encode(pil_to_tensor([render])).latent_dist.mean * pipe.vae.config.scaling_factor
+                x0 = x0.unsqueeze(0)
                 if mode == MODES[2]:
                     x0 = x0.mean((2, 3), keepdim=True).expand_as(x0)
                 x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
