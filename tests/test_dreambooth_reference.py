@@ -1,10 +1,15 @@
-"""The method-generic loop reproduces DreamBooth-LoRA exactly: adapter tensors and losses of two fixed-seed runs
-on the demo model, recorded with the trainer as it was before the engine became method-generic (commit 5384e23,
-tests/fixtures/dreambooth_lora_reference.safetensors), are matched bit for bit on the kind of CPU they were recorded on (AVX2, no bf16 units). Elsewhere the fp32 kernels
-sum in another order (AVX-512 / AMX machines differ in the 7th significant digit of the losses, and Adam's
-normalisation makes that ~1e-6 in the weights), so losses match to 1e-5 relative and weights to 1e-5 absolute (5–6
-steps at lr 1e-3 and more move them by ~1e-3): any change of method (another noise draw, timestep, loss term or
-update) moves the numbers by far more."""
+"""DreamBooth-LoRA runs stay exactly what they were: adapter tensors and losses of two fixed-seed runs on the demo
+model (tests/fixtures/dreambooth_lora_reference.safetensors) are matched bit for bit on the kind of CPU they were
+recorded on (today's recording: AVX-512 with AMX). Elsewhere the fp32 kernels sum in another order (AVX2 and AMX
+machines differ in the 7th significant digit of the losses, and Adam's normalisation makes that ~1e-6 in the weights), so losses match
+to 1e-5 relative and weights to 1e-5 absolute (5–6 steps at lr 1e-3 and more move them by ~1e-3): any change of
+method (another noise draw, timestep, loss term or update) moves the numbers by far more.
+
+History: the first recording (commit 3a2e29a) was made with the trainer as it was before the engine became
+method-generic (5384e23) on demo model 1, and the method-generic loop matched it until demo model 1 was replaced.
+Demo model 2 (v-prediction) changes every number, so the fixture was recorded again with this loop on demo model 2
+(``python tests/test_dreambooth_reference.py``, the same runs); it now guards the loop against unintended change.
+"""
 
 import json
 from pathlib import Path
@@ -31,6 +36,20 @@ def _recorded():
     return tensors, meta
 
 
+def _run(run: str, kw: dict):
+    """Train one recorded run's settings on the demo model: (losses, exported LoRA tensors)."""
+    kw = dict(kw)
+    lora = LoraSettings(**{k: kw.pop(k) for k in LORA_KEYS if k in kw})
+    # recorded in fp32 (on a CPU without bf16 units); "auto" would pick bf16 autocast on a CPU that has them
+    cfg = TrainConfig(instance_prompts=kw.pop("instance_prompt"), dtype="fp32", **kw)
+    pipe = load_pipeline(str(MODEL_DIR))
+    with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), DreamBoothLora(lora),
+                 _data(11, cfg.class_prompt is not None), cfg) as trainer:
+        result = trainer.train()
+        files = trainer.export()["lora"].tensors
+    return torch.tensor(result.losses, dtype=torch.float64), files
+
+
 def _data(seed, with_prior):
     g = torch.Generator().manual_seed(seed)
     inst = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
@@ -43,18 +62,29 @@ def _data(seed, with_prior):
 @pytest.mark.parametrize("run", ["prior_text", "unet_masked"])
 def test_new_loop_reproduces_the_recorded_dreambooth_run(run):
     tensors, meta = _recorded()
-    kw = json.loads(meta[run])
-    lora = LoraSettings(**{k: kw.pop(k) for k in LORA_KEYS if k in kw})
-    # recorded in fp32 (on a CPU without bf16 units); "auto" would pick bf16 autocast on a CPU that has them
-    cfg = TrainConfig(instance_prompts=kw.pop("instance_prompt"), dtype="fp32", **kw)
-    pipe = load_pipeline(str(MODEL_DIR))
-    with Trainer(DiffusersDenoiser(pipe), DiffusersTextEncoder(pipe), DreamBoothLora(lora),
-                 _data(11, cfg.class_prompt is not None), cfg) as trainer:
-        result = trainer.train()
-        files = trainer.export()["lora"].tensors
-    torch.testing.assert_close(torch.tensor(result.losses, dtype=torch.float64),
-                               tensors[f"{run}/losses"].to(torch.float64), rtol=1e-5, atol=1e-7)
+    losses, files = _run(run, json.loads(meta[run]))
+    torch.testing.assert_close(losses, tensors[f"{run}/losses"].to(torch.float64), rtol=1e-5, atol=1e-7)
     expected = {k[len(run) + 1:]: v for k, v in tensors.items() if k.startswith(run + "/") and not k.endswith("losses")}
     assert sorted(files) == sorted(expected)
     for k, v in expected.items():
         torch.testing.assert_close(files[k], v, rtol=1e-4, atol=1e-5)  # Adam turns 1e-7 gradient noise into ~1e-6
+
+
+def record(path: Path = FIXTURE) -> None:
+    """Record the fixture again with the current loop and demo model (same runs, same settings)."""
+    from safetensors.torch import save_file
+
+    _, meta = _recorded()
+    out = {}
+    for run in ("prior_text", "unet_masked"):
+        losses, files = _run(run, json.loads(meta[run]))
+        out[f"{run}/losses"] = losses.contiguous()
+        out.update({f"{run}/{k}": v.contiguous() for k, v in files.items()})
+    meta = meta | {"recorded_with": "the method-generic loop on demo model 2", "torch": torch.__version__}
+    tmp = path.with_suffix(".tmp")
+    save_file(out, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    record()

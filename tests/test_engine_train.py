@@ -49,6 +49,23 @@ def test_trains_with_finite_loss(request, fixture, family):
     assert any(w.up.abs().sum() > 0 for w in adapter.values())
 
 
+def test_family_is_the_architecture_not_the_noise_schedule(tmp_path):
+    """An SD1 model fine-tuned for v-prediction (CLIP-L text encoder, like the demo model) stays sd1: its files
+    must name SD1's text encoder and load on SD1 models; the SD2 fixture (OpenCLIP's GELU) is sd2 with either
+    schedule."""
+    from fewshot_personalize.kernels.backends.diffusers import detect_family, load_pipeline
+    from fewshot_personalize.kernels.testing.tiny_models import build_tiny_sd
+
+    pipe = load_pipeline(build_tiny_sd(tmp_path / "v1", prediction_type="v_prediction"))
+    assert detect_family(pipe) == "sd2"
+    pipe.text_encoder.config.hidden_act = "quick_gelu"  # CLIP-L's activation: the same folder as an SD1 v model
+    assert detect_family(pipe) == "sd1"
+    pipe.scheduler.register_to_config(prediction_type="epsilon")
+    assert detect_family(pipe) == "sd1"
+    pipe.text_encoder.config.hidden_act = "gelu"
+    assert detect_family(pipe) == "sd2"
+
+
 def _fixed_loss(trainer) -> float:
     """Loss on a fixed set of (noise, t) for the instance images: lower = memorised."""
     d, g = trainer.denoiser, torch.Generator().manual_seed(123)

@@ -50,7 +50,7 @@ def _vae():
     )
 
 
-def _text_encoder(tok_ids: dict, hidden: int, with_projection: bool = False):
+def _text_encoder(tok_ids: dict, hidden: int, with_projection: bool = False, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -60,7 +60,7 @@ def _text_encoder(tok_ids: dict, hidden: int, with_projection: bool = False):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         projection_dim=hidden,
         bos_token_id=tok_ids["bos_token_id"],
         eos_token_id=tok_ids["eos_token_id"],
@@ -84,13 +84,15 @@ def build_tiny_sd(
     seed: int = 0,
     words=TINY_WORDS,
 ) -> str:
-    """Write a tiny SD1.x-style (``prediction_type='epsilon'``) or SD2.x-style (``'v_prediction'``) pipeline."""
+    """Write a tiny SD1.x-style (``prediction_type='epsilon'``) or SD2.x-style (``'v_prediction'``) pipeline; the
+    SD2 one's text encoder uses GELU like OpenCLIP-H, which is what tells it apart at toy width (real SD2 is also
+    1024 wide); ComfyUI's loader of these folders reads it as an SD1 UNet predicting v."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, ids = _tokenizer(words, tmp)
-        text_encoder = _text_encoder(ids, 32)
+        text_encoder = _text_encoder(ids, 32, hidden_act="gelu" if prediction_type == "v_prediction" else "quick_gelu")
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,

@@ -15,8 +15,8 @@ def model_family(model) -> str:
         return "sdxl"
     if type(bm) is not comfy.model_base.BaseModel or not hasattr(bm, "diffusion_model"):
         raise UserInputError(f"this trainer supports SD1.x, SD2.x and SDXL UNet models; got {type(bm).__name__}")
-    ctx = bm.model_config.unet_config.get("context_dim")
-    if ctx == 1024 or bm.model_type == comfy.model_base.ModelType.V_PREDICTION:
+    # the architecture, not the schedule: an SD1 UNet fine-tuned for v-prediction (the demo model) stays sd1
+    if bm.model_config.unet_config.get("context_dim") == 1024:
         return "sd2"
     return "sd1"
 

@@ -76,7 +76,7 @@ def test_vae_matches_diffusers(pipe, tiny_objects):
 
 
 def test_v_prediction_model_predicts_v(tmp_path):
-    """An SD2-style (v-prediction) folder: the ComfyUI denoiser returns v, exactly as the diffusers UNet does."""
+    """A v-prediction folder: the ComfyUI denoiser returns v, exactly as the diffusers UNet does."""
     from diffusers import UNet2DConditionModel
 
     from fewshot_personalize.kernels.engine.seams import Conditioning
@@ -89,7 +89,8 @@ def test_v_prediction_model_predicts_v(tmp_path):
     with torch.inference_mode():
         model, clip, vae = load_diffusers_folder(folder)
     den = ComfyDenoiser(model, vae)
-    assert den.schedule.prediction_type == "v_prediction" and den.family == "sd2"
+    assert den.schedule.prediction_type == "v_prediction"
+    assert den.family == "sd1"  # ComfyUI sees an SD1 UNet (32-wide context): the family is the architecture
     assert ComfyTextEncoder(clip, den.family).encode(["a red dog"]).context.shape == (1, 77, 32)
     unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
     g = torch.Generator().manual_seed(0)

@@ -69,10 +69,13 @@ def _load_single_file(path: Path, kwargs):
 
 
 def detect_family(pipe) -> str:
-    """``sdxl`` (two text encoders, text_time conditioning), ``sd2`` (1024-wide context or v-prediction), or ``sd1``."""
+    """``sdxl`` (two text encoders, text_time conditioning), ``sd2`` (OpenCLIP-H text encoder: 1024-wide context,
+    GELU activation) or ``sd1`` (CLIP-L: quick-GELU). The family is the architecture, not the noise schedule:
+    SD2-base predicts ε, and SD1 models fine-tuned for v-prediction (the demo model among them) stay SD1."""
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
-    if pipe.unet.config.cross_attention_dim == 1024 or pipe.scheduler.config.get("prediction_type") == "v_prediction":
+    act = getattr(getattr(pipe.text_encoder, "config", None), "hidden_act", None)
+    if pipe.unet.config.cross_attention_dim == 1024 or act == "gelu":
         return "sd2"
     return "sd1"
 
