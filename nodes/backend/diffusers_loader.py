@@ -159,6 +159,11 @@ def _model_config(unet_config: dict, sched: dict, scaling_factor: float, time_em
         def model_type(self, state_dict, prefix=""):
             return mtype
 
+        def inpaint_model(self):
+            """An inpainting UNet takes latent + mask + masked latent (in = 2·out + 1); ComfyUI's own test
+            (in_channels > 4) would turn an 8-channel latent model (the demo model) into one and feed it 17."""
+            return self.unet_config["in_channels"] == 2 * self.unet_config["out_channels"] + 1
+
         if time_embed_dim:
             def get_model(self, state_dict, prefix="", device=None):
                 return DiffusersFolderSDXL(self, model_type=mtype, device=device)

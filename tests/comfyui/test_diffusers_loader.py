@@ -135,6 +135,12 @@ def test_demo_architecture_round_trips(tmp_path, schedule):
         assert torch.allclose(vae.decode(z), ref, atol=1e-3)
     import comfy.sample
     assert comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, 16, 16)).shape[1] == n  # EmptyLatentImage
+    # ComfyUI's own sampler (what KSampler runs): an 8-channel latent model is not taken for an inpainting one
+    assert not model.model.concat_keys
+    cond = [[ctx, {}]]
+    out = comfy.sample.sample(model, torch.randn(1, n, 16, 16, generator=g), 2, 1.0, "euler", "normal", cond, cond,
+                              torch.zeros(1, n, 16, 16), disable_pbar=True, seed=0)
+    assert out.shape == (1, n, 16, 16) and torch.isfinite(out).all()
 
 
 @pytest.fixture(scope="module")
