@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..adapters.lora import ALL_LAYERS, UNET_TARGETS
 from ..augment.settings import AugmentSettings
 from ..backends.diffusers import DiffusersDenoiser, DiffusersTextEncoder, load_pipeline
 from ..backends.diffusers.adapters import PipelineAdapters
@@ -53,6 +54,9 @@ class Recipe:
     num_vectors: int = 1
     embedding_lr: float = 5e-3
     catversion_layers: tuple[int, ...] | None = None
+    #: UNet layers the LoRA adapts: attention projections (DreamBooth-LoRA's usual choice), or ``("all",)``: every
+    #: linear and 2-D convolution, as ComfyUI's TrainLoraNode and kohya's LoCon do
+    unet_targets: tuple[str, ...] = UNET_TARGETS
 
     def phrase(self, concept) -> str:
         """The subject phrase of prompts: ``sks toy`` (DreamBooth), ``<sks> toy`` (token methods), ``<sks>``
@@ -67,7 +71,8 @@ class Recipe:
 
     def build(self, concept):
         """The engine method of this row, for one concept."""
-        lora = LoraSettings(rank=self.rank, train_text_encoder=self.text, text_lr=self.text_lr)
+        lora = LoraSettings(rank=self.rank, train_text_encoder=self.text, text_lr=self.text_lr,
+                            unet_targets=self.unet_targets)
         token = TextualInversionSettings(token=TOKEN, init_word=concept.cls, num_vectors=self.num_vectors)
         if self.method == TextualInversion.name:
             return TextualInversion(token)
@@ -91,6 +96,7 @@ METHODS = (
     Recipe("CatVersion", method=CatVersion.name, lr=1e-2),
     Recipe("pivotal tuning (TI + DreamBooth-LoRA, prior, UNet)", method=PivotalTuning.name, prior=True),
     Recipe("ED-LoRA (layer-wise tokens + LoRA, prior, UNet + text encoder)", method=EdLora.name, prior=True, text=True),
+    Recipe("DreamBooth-LoRA, prior, every UNet layer + text encoder", prior=True, text=True, unet_targets=(ALL_LAYERS,)),
 )
 DEFAULT_METHOD = METHODS[4]
 
