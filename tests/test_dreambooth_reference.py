@@ -1,9 +1,9 @@
 """DreamBooth-LoRA runs stay exactly what they were: adapter tensors and losses of two fixed-seed runs on the demo
 model (tests/fixtures/dreambooth_lora_reference.safetensors) are matched bit for bit on the kind of CPU they were
-recorded on (today's recording: AVX-512 with AMX). Elsewhere the fp32 kernels sum in another order (AVX2 and AMX
-machines differ in the 7th significant digit of the losses, and Adam's normalisation makes that ~1e-6 in the weights), so losses match
-to 1e-5 relative and weights to 1e-5 absolute (5–6 steps at lr 1e-3 and more move them by ~1e-3): any change of
-method (another noise draw, timestep, loss term or update) moves the numbers by far more.
+recorded on (today's recording: AVX-512 with AMX). Elsewhere the fp32 kernels sum in another order (AVX2 and
+AMX machines differ in the 7th significant digit of the losses, and Adam's normalisation makes that ~1e-6 in the
+weights), so losses match to 1e-5 relative and weights to 1e-5 absolute (5–6 steps at lr 1e-3 and more move them
+by ~1e-3): any change of method (another noise draw, timestep, loss term or update) moves the numbers by far more.
 
 History: the first recording (commit 3a2e29a) was made with the trainer as it was before the engine became
 method-generic (5384e23) on demo model 1, and the method-generic loop matched it until demo model 1 was replaced.
@@ -72,18 +72,16 @@ def test_new_loop_reproduces_the_recorded_dreambooth_run(run):
 
 def record(path: Path = FIXTURE) -> None:
     """Record the fixture again with the current loop and demo model (same runs, same settings)."""
-    from safetensors.torch import save_file
+    from fewshot_personalize.kernels.formats.safetensors_io import atomic_save
 
     _, meta = _recorded()
     out = {}
     for run in ("prior_text", "unet_masked"):
         losses, files = _run(run, json.loads(meta[run]))
-        out[f"{run}/losses"] = losses.contiguous()
-        out.update({f"{run}/{k}": v.contiguous() for k, v in files.items()})
+        out[f"{run}/losses"] = losses
+        out.update({f"{run}/{k}": v for k, v in files.items()})
     meta = meta | {"recorded_with": "the method-generic loop on demo model 2", "torch": torch.__version__}
-    tmp = path.with_suffix(".tmp")
-    save_file(out, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_save(out, path, metadata=meta, overwrite=True)
 
 
 if __name__ == "__main__":

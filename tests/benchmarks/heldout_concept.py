@@ -4,10 +4,11 @@ for, so that it is recognisable in new contexts? Recorded, not asserted; writes 
 The concept, ``striped_ball`` (a red ball with yellow stripes), is defined here and nowhere else: it is not one of
 the bundled concepts in kernels/demo/concepts.py, none of the recipes (kernels/demo/experiment.py) was tuned on it,
 and it was first trained when this file was written, with the benchmark's DreamBooth recipes unchanged (prior
-preservation, UNet + text encoder, 400 steps at 3e-3, rank 4; LoRA on the attention projections, or on every layer). The stripes are a pattern no bundled concept
-and no pretraining caption has. Protocol: the quality bench's (13 held-out prompts × 2 images, seeds 0..N-1, the
-seed also picks the 5 reference photos), with the base model drawing "a sks ball …" as the before-row and the
-references' ideal renders (raw and through the model's VAE) as ceilings.
+preservation, UNet + text encoder, 400 steps at 3e-3, rank 4; LoRA on the attention projections, or on every
+layer). The stripes are a pattern no bundled concept and no pretraining caption has. Protocol: the quality
+bench's (13 held-out prompts × 2 images, seeds 0..N-1, the seed also picks the 5 reference photos), with the base
+model drawing "a sks ball …" as the before-row and the references' ideal renders (raw and through the model's VAE)
+as ceilings.
 
     python tests/benchmarks/heldout_concept.py [--seeds 3] [--threads 1]
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS
 from fewshot_personalize.kernels.core.plots import image_grid
 from fewshot_personalize.kernels.demo.concepts import Concept, reference_images
 from fewshot_personalize.kernels.demo.evaluator import Evaluator
@@ -34,7 +36,7 @@ HERE = Path(__file__).parent
 HELDOUT = Concept("striped_ball", "ball", "red", "stripes", "sks", "a red ball with yellow stripes", colour2="yellow")
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
 #: the default DreamBooth recipe, and the same with LoRA on every UNet layer (the quality bench's last row)
-RECIPES = (DEFAULT_METHOD, next(r for r in METHODS if r.unet_targets == ("all",)))
+RECIPES = (DEFAULT_METHOD, next(r for r in METHODS if r.unet_targets == (ALL_LAYERS,)))
 SHOWN = ("a {} on the beach", "a {} in the snow", "a {} at night", "a big {} on the grass",
          "a {} with a city in the background")
 
@@ -62,13 +64,16 @@ def main(argv=None) -> None:
     ev, pipe = Evaluator.load(), demo_pipeline()
     start = time.perf_counter()
     runs, grid_rows, labels = [], [], []
+
+    def shown(adapters=None):
+        """One sample of each shown prompt (seed 0's grid row)."""
+        return [sample(pipe, p.format("sks ball"), 1, 7 + k, adapters)[0] for k, p in enumerate(SHOWN)]
+
     for seed in range(a.seeds):
         ceiling = reference_score(ev, HELDOUT, seed, pipe)
         run = {"seed": seed, "references": {k: ceiling[k] for k in ("subject_fidelity", "prompt_fidelity")},
                "references_through_vae": ceiling["through_vae"], "train_seconds": {}}
         run["base model, \"a sks ball …\""] = {k: v for k, v in score(ev, pipe, HELDOUT, seed).items() if k in METRICS}
-        shown = lambda adapters=None: [sample(pipe, p.format("sks ball"), 1, 7 + k, adapters)[0]  # noqa: E731
-                                       for k, p in enumerate(SHOWN)]
         if seed == 0:
             grid_rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)], shown()]
             labels += ["references (seed 0)", "base model"]
@@ -119,7 +124,8 @@ def render(record: dict) -> str:
         sf = np.mean([r[row]["subject_fidelity"] for r in runs])
         lines.append(f"- {row}: {sf / ref:.0%} of the references' subject fidelity ({sf / vae:.0%} of what they keep "
                      "through the VAE).")
-    lines.append("\nSamples: heldout_concept.png (references, the base model and each recipe in five contexts, seed 0).")
+    lines.append("\nSamples: heldout_concept.png (references, the base model and each recipe in five contexts, "
+                 "seed 0).")
     return "\n".join(lines) + "\n"
 
 
