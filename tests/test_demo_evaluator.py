@@ -169,3 +169,34 @@ def test_evaluate_parses_the_prompt(ev):
     assert set(out) >= {"prompt_fidelity", "subject_fidelity", "diversity", "n_images"}
     assert out["prompt_fidelity"] >= 0.8 and out["subject_fidelity"] >= 0.8
     json.dumps(out)  # plain numbers, ready for a results file
+
+
+def test_noise_is_not_a_scene_and_earns_nothing(ev):
+    """Noise, as uniform pixels and as random latents through the demo model's VAE (what a broken sampler or a
+    broken fusion draws), is not a scene: no context, no objects, subject and prompt fidelity 0. Without the check
+    such images scored about as high as a real object of the class. Every world render stays a scene, the
+    largest (two big objects) included."""
+    from diffusers import AutoencoderKL
+
+    from fewshot_personalize.kernels.demo.model import demo_model_path
+
+    g = torch.Generator().manual_seed(0)
+    vae = AutoencoderKL.from_pretrained(str(demo_model_path() / "vae"))
+    with torch.no_grad():
+        latents = torch.randn(6, vae.config.latent_channels, 16, 16, generator=g)
+        decoded = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    noise = torch.cat([torch.rand(6, 3, 64, 64, generator=g), decoded])
+    refs = C.reference_images("checker_toy")
+    ref_imgs, ref_masks = [r[0] for r in refs], [r[1] for r in refs]
+    assert not ev.is_scene(noise).any()
+    assert all(not r["scene"] and r["context"] is None and not r["objects"] for r in ev.recognise(noise))
+    assert ev.subject_fidelity(noise, ref_imgs, ref_masks, "toy") == 0.0
+    assert ev.subject_fidelity(noise, ref_imgs, ref_masks) == 0.0
+    assert ev.prompt_fidelity(noise, "a red toy on the grass") == 0.0
+    assert ev.evaluate(noise, "a sks toy on the grass", ref_imgs, ref_masks)["scene_rate"] == 0.0
+
+    rng = np.random.default_rng(31)
+    scenes = [W.render(W.sample_scene(rng, n_objects=2, sizes=("big",)))[0] for _ in range(40)]
+    scenes += [W.render(W.sample_scene(rng))[0] for _ in range(40)] + ref_imgs
+    assert ev.is_scene(scenes).all()
+    assert ev.subject_fidelity(C.reference_images("checker_toy", seed=1)[0][:1], ref_imgs, ref_masks) > 0.8

@@ -59,6 +59,10 @@ _PLAIN = torch.tensor(world._PLAIN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
 DESCRIPTOR_WEIGHTS: dict[str, float] = {"net": 0.25, "hist": 0.2, "layout": 0.2, "pattern": 0.35}
 P_TEXTURE = 0.25  # share of training objects drawn with a generic texture (stripes, dots) instead of flat
 MIN_AREA = 24  # pixels (of 64×64) for a foreground blob to count as an object
+# Share of the image the predicted foreground may cover in a scene of the world: above what two big objects cover,
+# with a margin for objects a model draws larger than the world does. An image beyond it (noise, a texture filling
+# the frame) is outside what the evaluator was trained on: it shows no object and no context (see is_scene).
+MAX_FOREGROUND = 0.55
 # size words by extent: thresholds halfway between the world's size ranges
 _SIZE_EDGES = tuple((world.SIZE_SCALE[a][1] + world.SIZE_SCALE[b][0]) / 2 for a, b in zip(SIZES, SIZES[1:]))
 
@@ -327,12 +331,26 @@ class Evaluator:
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     @torch.no_grad()
-    def foreground(self, images) -> torch.Tensor:
-        """Predicted object masks [B, 64, 64] bool (holes filled)."""
-        x = to_batch(images)
+    def _raw_foreground(self, x: torch.Tensor) -> torch.Tensor:
         fg = self._run(x)["fg"]
         m = F.interpolate(fg.unsqueeze(1), size=(RES, RES), mode="bilinear", align_corners=False)[:, 0] > 0
         return torch.from_numpy(np.stack([_fill_holes(a) for a in m.numpy()]))
+
+    @torch.no_grad()
+    def is_scene(self, images) -> torch.Tensor:
+        """[B] bool: does the image look like a scene of the world at all? False when the predicted foreground
+        covers more than ``MAX_FOREGROUND`` of it, which no scene does but noise and frame-filling textures do.
+        Without this check a noise image earns a subject fidelity of the same order as a real object of the
+        class, because its "foreground" shares colours and transitions with any subject."""
+        return self._raw_foreground(to_batch(images)).flatten(1).float().mean(1) <= MAX_FOREGROUND
+
+    @torch.no_grad()
+    def foreground(self, images) -> torch.Tensor:
+        """Predicted object masks [B, 64, 64] bool (holes filled); empty for images that are not a scene
+        (:meth:`is_scene`)."""
+        m = self._raw_foreground(to_batch(images))
+        m[m.flatten(1).float().mean(1) > MAX_FOREGROUND] = False
+        return m
 
     @torch.no_grad()
     def classify_objects(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,14 +363,17 @@ class Evaluator:
 
     @torch.no_grad()
     def recognise(self, images) -> list[dict]:
-        """What each image shows: ``{"context", "context_confidence", "objects": [{"cls", "colour", "size",
-        "confidence", "area", "bbox", "mask"}...]}``. Objects are the connected blobs of the predicted
+        """What each image shows: ``{"scene", "context", "context_confidence", "objects": [{"cls", "colour",
+        "size", "confidence", "area", "bbox", "mask"}...]}``. Objects are the connected blobs of the predicted
         foreground (largest first); class and colour come from the cut-out blob, the size word from its extent
         (height for toys and kites, largest side for balls and boxes) on the world's size scale. ``mask`` is a
-        64×64 bool array, ``area`` and ``bbox`` are fractions of the image."""
+        64×64 bool array, ``area`` and ``bbox`` are fractions of the image. An image that is not a scene
+        (:meth:`is_scene`: noise, a texture filling the frame) has ``scene`` False, context None and no objects."""
         x = to_batch(images)
         ctx = self._run(x)["context"].softmax(1)
-        fg = self.foreground(x).numpy()
+        raw = self._raw_foreground(x)
+        scene = (raw.flatten(1).float().mean(1) <= MAX_FOREGROUND).tolist()
+        fg = (raw & torch.tensor(scene).view(-1, 1, 1)).numpy()
         blobs: list[tuple[int, np.ndarray]] = []
         for i in range(x.shape[0]):
             lab, n = _label(fg[i])
@@ -360,8 +381,9 @@ class Evaluator:
                 blob = lab == k
                 if blob.sum() >= MIN_AREA:
                     blobs.append((i, blob))
-        results = [{"context": CONTEXTS[int(ctx[i].argmax())], "context_confidence": float(ctx[i].max()),
-                    "objects": []} for i in range(x.shape[0])]
+        results = [{"scene": scene[i], "context": CONTEXTS[int(ctx[i].argmax())] if scene[i] else None,
+                    "context_confidence": float(ctx[i].max()) if scene[i] else 0.0, "objects": []}
+                   for i in range(x.shape[0])]
         if blobs:
             idx = torch.tensor([i for i, _ in blobs])
             cls_p, col_p = self.classify_objects(x[idx], [b for _, b in blobs])
@@ -479,11 +501,13 @@ class Evaluator:
 
     def evaluate(self, images, prompt: str, references=None, ref_masks=None) -> dict:
         """All metrics for the images of one prompt: prompt fidelity from the prompt parsed with the world's
-        vocabulary, subject fidelity against ``references`` (blobs of the subject's class), diversity."""
+        vocabulary, subject fidelity against ``references`` (blobs of the subject's class), diversity, and the
+        share of images that are scenes at all (``scene_rate``; noise scores 0 everywhere, see :meth:`is_scene`)."""
         expected = world.parse_prompt(prompt)
         x = to_batch(images)
         out: dict = {"prompt": prompt, "expected": {k: expected[k] for k in ("context", "objects")},
-                     "prompt_fidelity": self.prompt_fidelity(x, expected), "n_images": int(x.shape[0])}
+                     "prompt_fidelity": self.prompt_fidelity(x, expected), "n_images": int(x.shape[0]),
+                     "scene_rate": float(self.is_scene(x).float().mean())}
         idx = expected.get("subject_index")
         cls = expected["objects"][idx]["cls"] if idx is not None else None
         if references is not None:
