@@ -235,7 +235,12 @@ def test_base_demo_takes_the_benchmark_recipe_unless_flags_say_otherwise():
     r = recipe_for("dreambooth-lora")
     assert (a.steps, a.lr, a.text_lr, a.rank, a.batch_size, a.train_text_encoder, a.num_class_images) == \
         (r.steps, r.lr, r.text_lr, r.rank, r.batch_size, r.text, r.n_class)
-    assert "--base demo" in note and f"lr {r.lr}" in note
+    assert a.unet_targets == ",".join(r.unet_targets) == "all"  # the recipe adapts every UNet layer
+    assert "--base demo" in note and f"lr {r.lr}" in note and "unet-targets all" in note
+
+    a = _train_args("--base", "demo", "--prompt", "a sks toy", "--unet-targets", "to_k,to_v")
+    fill_defaults(a)
+    assert a.unet_targets == "to_k,to_v"
 
     a = _train_args("--base", "demo", "--prompt", "a sks toy", "--lr", "1e-4", "--steps", "50", "--no-train-text-encoder")
     note = fill_defaults(a)
@@ -254,6 +259,7 @@ def test_other_bases_keep_the_generic_defaults():
     assert fill_defaults(a) is None
     assert (a.steps, a.rank, a.batch_size, a.train_text_encoder) == tuple(GENERIC_DEFAULTS[k] for k in
                                                                           ("steps", "rank", "batch_size", "train_text_encoder"))
+    assert a.unet_targets == "to_q,to_k,to_v,to_out.0"  # attention only: DreamBooth-LoRA's usual choice
     assert a.lr == DEFAULT_LR["dreambooth-lora"] and a.text_lr is None
 
     a = _train_args("--base", "some/model", "--method", "ed-lora")  # Mix-of-Show's rates per part

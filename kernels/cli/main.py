@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss weight outside the subject when --images has masks (NAME_mask.png, masks/NAME.png or "
                         "transparency; default 0: subject only)")
     t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--unet-targets", default="to_q,to_k,to_v,to_out.0", help="comma-separated UNet layer names, or 'all' for every linear layer and convolution (kohya's LoCon; "
-                        "what ComfyUI's TrainLoraNode adapts)")
+    t.add_argument("--unet-targets", help="comma-separated UNet layer names (default: the attention projections "
+                        "to_q,to_k,to_v,to_out.0; with --base demo the benchmark recipe's 'all'), or 'all' for every "
+                        "linear layer and convolution (kohya's LoCon; what ComfyUI's TrainLoraNode adapts)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     t.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint (OUT.checkpoint.safetensors)")
     t.add_argument("--seed", type=int, default=0)

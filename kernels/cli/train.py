@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..adapters.lora import UNET_TARGETS
 from ..core.errors import UserInputError
 from ..core.round_trip import describe as describe_round_trip
 from ..engine.captions import captions
@@ -23,7 +24,8 @@ DEFAULT_LR = {"dreambooth-lora": 1e-4, "pivotal": 1e-4, "textual-inversion": 5e-
 EDLORA_EMBEDDING_LR, EDLORA_TEXT_LR = 1e-3, 1e-5
 DEFAULT_EMBEDDING_LR = 5e-3
 #: the other flags the user may leave out (None in the parser), for any base model but the demo model
-GENERIC_DEFAULTS = {"steps": 400, "rank": 4, "batch_size": 1, "train_text_encoder": False}
+GENERIC_DEFAULTS = {"steps": 400, "rank": 4, "batch_size": 1, "train_text_encoder": False,
+                    "unet_targets": ",".join(UNET_TARGETS)}
 
 
 def fill_defaults(a) -> str | None:
@@ -39,14 +41,14 @@ def fill_defaults(a) -> str | None:
 
         r = recipe_for(a.method)
         defaults.update(steps=r.steps, rank=r.rank, batch_size=r.batch_size, train_text_encoder=r.text, lr=r.lr,
-                        embedding_lr=r.embedding_lr)
+                        embedding_lr=r.embedding_lr, unet_targets=",".join(r.unet_targets))
         if r.text:
             defaults["text_lr"] = r.text_lr
         if r.prior and a.class_prompt and not a.class_images:
             defaults["num_class_images"] = r.n_class
         relevant = {"steps", "batch_size", "lr", "num_class_images"}
         if METHODS[a.method].uses_prior:  # the LoRA methods
-            relevant |= {"rank", "train_text_encoder", "text_lr"}
+            relevant |= {"rank", "train_text_encoder", "text_lr", "unet_targets"}
         if a.method in (PivotalTuning.name, EdLora.name):
             relevant.add("embedding_lr")
         taken = {k: v for k, v in defaults.items() if k in relevant and getattr(a, k, None) is None}

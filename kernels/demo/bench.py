@@ -19,7 +19,7 @@ import torch
 
 from .concepts import CONCEPTS
 from .evaluator import Evaluator
-from .experiment import METHODS, demo_pipeline, personalize, reference_score, sample, score
+from .experiment import DEFAULT_METHOD, METHODS, demo_pipeline, personalize, reference_score, sample, score
 from .model_quality import ATTRIBUTES, measure_model_quality
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,14 @@ def markdown(record: dict) -> str:
                   f"- prompt fidelity = {100 * pf:.0f} % of the base model's (target ≥ 85 %)",
                   f"- class-prior drift above the base model: {excess_prior:+.3f} with prior vs {excess_noprior:+.3f} "
                   f"without (target: at most half)"]
+    default = s.get(DEFAULT_METHOD.name)
+    if default and base and DEFAULT_METHOD.name != "DreamBooth-LoRA, prior, UNet + text encoder":
+        of_vae = (f"; {100 * default['subject_fidelity'][0] / vae_ref['subject_fidelity'][0]:.0f} % of what the "
+                  f"references keep through the model's VAE" if vae_ref else "")
+        lines += [f"- the default recipe ({DEFAULT_METHOD.name}): subject fidelity = "
+                  f"{100 * default['subject_fidelity'][0] / ref['subject_fidelity'][0]:.0f} % of the references' own "
+                  f"score{of_vae}; prompt fidelity = "
+                  f"{100 * default['prompt_fidelity'][0] / base['prompt_fidelity'][0]:.0f} % of the base model's"]
     ti, cv = s.get("Textual Inversion"), s.get("CatVersion")
     if ti and cv:
         lines += ["", "CatVersion vs Textual Inversion (the paper's claim: at least TI's subject fidelity at equal or "

@@ -35,8 +35,9 @@ from fewshot_personalize.kernels.demo.model import demo_model_path
 HERE = Path(__file__).parent
 HELDOUT = Concept("striped_ball", "ball", "red", "stripes", "sks", "a red ball with yellow stripes", colour2="yellow")
 METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
-#: the default DreamBooth recipe, and the same with LoRA on every UNet layer (the quality bench's last row)
-RECIPES = (DEFAULT_METHOD, next(r for r in METHODS if r.unet_targets == (ALL_LAYERS,)))
+#: DreamBooth with prior, UNet + text encoder: LoRA on the attention projections, and on every UNet layer (the default)
+RECIPES = (next(r for r in METHODS if r.unet_targets != (ALL_LAYERS,) and r.prior and r.text and r.method ==
+                DEFAULT_METHOD.method), DEFAULT_METHOD)
 SHOWN = ("a {} on the beach", "a {} in the snow", "a {} at night", "a big {} on the grass",
          "a {} with a city in the background")
 
