@@ -79,14 +79,18 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = Non
     for c, text in enumerate(col_labels or []):
         _wrapped(d, (lw + c * cell + 3, 2), text, cell - 6, font)
     for r, row in enumerate(rows):
-        if row_labels:
-            _wrapped(d, (3, th + r * cell + cell // 2 - 10), row_labels[r], lw - 6, font)
+        if row_labels:  # as many lines as the row holds, centred on it
+            _wrapped(d, (3, th + r * cell + cell // 2), row_labels[r], lw - 6, font, max_lines=(cell - 4) // 13,
+                     centre=True)
         for c, tile in enumerate(row):
             im.paste(tile.convert("RGB").resize((cell, cell), Image.NEAREST), (lw + c * cell, th + r * cell))
     return im
 
 
-def _wrapped(d: ImageDraw.ImageDraw, xy, text: str, width: int, font) -> None:
+def _wrapped(d: ImageDraw.ImageDraw, xy, text: str, width: int, font, max_lines: int = 3,
+             centre: bool = False) -> None:
+    """``text`` wrapped to ``width`` px, at most ``max_lines`` lines (the last ends in "…" when cut); ``centre``:
+    ``xy``'s y is the middle of the block instead of its top."""
     words, lines, line = text.split(), [], ""
     for wd in words:
         trial = f"{line} {wd}".strip()
@@ -96,7 +100,13 @@ def _wrapped(d: ImageDraw.ImageDraw, xy, text: str, width: int, font) -> None:
         else:
             line = trial
     lines.append(line)
-    d.multiline_text(xy, "\n".join(lines[:3]), fill="black", font=font, spacing=1)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " …"
+    x, y = xy
+    if centre:
+        y -= len(lines) * 13 // 2
+    d.multiline_text((x, y), "\n".join(lines), fill="black", font=font, spacing=1)
 
 
 def to_uint8(images: np.ndarray) -> list[Image.Image]:
