@@ -139,7 +139,7 @@ def markdown(record: dict) -> str:
                   f"- class-prior drift above the base model: {excess_prior:+.3f} with prior vs {excess_noprior:+.3f} "
                   f"without (target: at most half)"]
     default = s.get(DEFAULT_METHOD.name)
-    if default and base and DEFAULT_METHOD.name != "DreamBooth-LoRA, prior, UNet + text encoder":
+    if default and base and default is not prior:
         of_vae = (f"; {100 * default['subject_fidelity'][0] / vae_ref['subject_fidelity'][0]:.0f} % of what the "
                   f"references keep through the model's VAE" if vae_ref else "")
         lines += [f"- the default recipe ({DEFAULT_METHOD.name}): subject fidelity = "

@@ -336,21 +336,26 @@ class Evaluator:
         m = F.interpolate(fg.unsqueeze(1), size=(RES, RES), mode="bilinear", align_corners=False)[:, 0] > 0
         return torch.from_numpy(np.stack([_fill_holes(a) for a in m.numpy()]))
 
+    def _scene_foreground(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(object masks [B, 64, 64], emptied where the image is not a scene; scene flags [B])."""
+        m = self._raw_foreground(x)
+        scene = m.flatten(1).float().mean(1) <= MAX_FOREGROUND
+        m[~scene] = False
+        return m, scene
+
     @torch.no_grad()
     def is_scene(self, images) -> torch.Tensor:
         """[B] bool: does the image look like a scene of the world at all? False when the predicted foreground
         covers more than ``MAX_FOREGROUND`` of it, which no scene does but noise and frame-filling textures do.
         Without this check a noise image earns a subject fidelity of the same order as a real object of the
         class, because its "foreground" shares colours and transitions with any subject."""
-        return self._raw_foreground(to_batch(images)).flatten(1).float().mean(1) <= MAX_FOREGROUND
+        return self._scene_foreground(to_batch(images))[1]
 
     @torch.no_grad()
     def foreground(self, images) -> torch.Tensor:
         """Predicted object masks [B, 64, 64] bool (holes filled); empty for images that are not a scene
         (:meth:`is_scene`)."""
-        m = self._raw_foreground(to_batch(images))
-        m[m.flatten(1).float().mean(1) > MAX_FOREGROUND] = False
-        return m
+        return self._scene_foreground(to_batch(images))[0]
 
     @torch.no_grad()
     def classify_objects(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,9 +376,8 @@ class Evaluator:
         (:meth:`is_scene`: noise, a texture filling the frame) has ``scene`` False, context None and no objects."""
         x = to_batch(images)
         ctx = self._run(x)["context"].softmax(1)
-        raw = self._raw_foreground(x)
-        scene = (raw.flatten(1).float().mean(1) <= MAX_FOREGROUND).tolist()
-        fg = (raw & torch.tensor(scene).view(-1, 1, 1)).numpy()
+        fg, scene_t = self._scene_foreground(x)
+        fg, scene = fg.numpy(), scene_t.tolist()
         blobs: list[tuple[int, np.ndarray]] = []
         for i in range(x.shape[0]):
             lab, n = _label(fg[i])
