@@ -68,7 +68,7 @@ def test_two_concept_render_has_both_present_and_each_object_looks_most_like_its
         assert covers(ev, img, s, k, masks[k])
         assert mc.fidelity(s, k, c) > s["sims"][k][other]
     m = mc.pair_metrics([s], pair, {})
-    assert m["both_present"] == 1.0 and m["more_like_other"] == 0.0
+    assert m["both_present"] == 1.0 and m["more_like_other"] == 0.0 and m["two_objects"] == 1.0
 
 
 @pytest.mark.parametrize("order", [(TOY, CREATURE), (CREATURE, TOY)])
@@ -85,7 +85,8 @@ def test_a_missing_concept_is_not_present_and_scores_zero(ev, refs):
     s = score(ev, refs, img, (TOY, BALL))
     assert s["found"] == [True, False] and not s["all_present"]
     assert s["objects"][1] is None and mc.fidelity(s, 1, BALL) == 0.0
-    assert mc.pair_metrics([s], (TOY, BALL), {})["both_present"] == 0.0
+    m = mc.pair_metrics([s], (TOY, BALL), {})
+    assert m["both_present"] == 0.0 and m["two_objects"] == 0.0
 
 
 def test_identity_mixing_rises_when_one_concept_wears_the_others_look(ev, refs):

@@ -168,6 +168,29 @@ def test_cli_generate_with_regions(tiny_sd, tmp_path, capsys):
     assert "note: the regions cover the whole image" in stdout
 
 
+def test_cli_generate_with_a_region_layout(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "imgs"
+    code, stdout, err = _run_main(capsys, "generate", "--base", tiny_sd, "--prompt", "a toy on the beach",
+                                  "--region", "0,0,16,32:a red toy", "--region", "16,0,32,32:a blue ball",
+                                  "--region-layout", "0.4", "--region-attention", "off",
+                                  "--n", "1", "--steps", "2", "--resolution", "32", "--out", str(out))
+    assert code == 0, err
+    assert (out / "000.png").is_file() and "2 region(s) (layout for the first 40% of the schedule)" in stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--region-layout", "0.4"], "need at least one --region"),
+    (["--region", "0,0,16,32:a toy", "--region-attention", "off"], "needs --region-layout"),
+    (["--region", "0,0,16,32:a toy", "--region-layout", "1.5"], "--region-layout must be in (0, 1], got 1.5"),
+])
+def test_cli_bad_region_layout_exits_2_with_one_line(flags, message, tiny_sd, tmp_path, capsys):
+    code, _, err = _run_main(capsys, "generate", "--base", tiny_sd, "--prompt", "a toy", *flags,
+                             "--n", "1", "--steps", "1", "--resolution", "32", "--out", str(tmp_path / "o"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("region,message", [
     ("0,0,16:a toy", "the box has 3 number(s), not 4"),
     ("0,0,16,32 a toy", "no ':' between the box and the prompt"),

@@ -23,6 +23,12 @@ def cmd_generate(a) -> int:
     if not a.prompt.strip():
         raise UserInputError("the prompt is empty")
     parsed = [parse_region(text) for text in a.region]  # syntax first, before the model loads
+    if a.region_layout is not None and not 0 < a.region_layout <= 1:
+        raise UserInputError(f"--region-layout must be in (0, 1], got {a.region_layout:g}")
+    if (a.region_layout or a.region_attention == "off") and not parsed:
+        raise UserInputError("--region-layout and --region-attention need at least one --region")
+    if a.region_attention == "off" and not a.region_layout:
+        raise UserInputError("--region-attention off needs --region-layout (else the regions would do nothing)")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UserInputError(f"--out {a.out} is a file, not a folder")
     start = time.perf_counter()
@@ -44,10 +50,12 @@ def cmd_generate(a) -> int:
     for i in tqdm(range(a.n), desc="generate", unit="img"):
         images += generate_images(pipe, a.prompt, negative=a.negative, n=1, steps=a.steps, seed=a.seed + i,
                                   guidance=a.guidance, resolution=a.resolution, adapters=adapters,
-                                  regions=regions or None)
+                                  regions=regions or None, region_layout=a.region_layout or 0.0,
+                                  region_attention=a.region_attention == "on")
     paths = save_images(images, a.out, overwrite=a.overwrite)
     parts = ([f"{len(kinds)} adapter(s) ({', '.join(kinds)})"] if kinds else []) + \
-        ([f"{len(regions)} region(s)"] if regions else [])
+        ([f"{len(regions)} region(s)" + (f" (layout for the first {a.region_layout:.0%} of the schedule)"
+                                          if a.region_layout else "")] if regions else [])
     used = f" with {' and '.join(parts)}" if parts else ""
     print(f"wrote {len(paths)} images{used} in {time.perf_counter() - start:.1f} s → {a.out}")
     return 0

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region", action="append", default=[], metavar="X0,Y0,X1,Y1:PROMPT",
                    help="bind PROMPT to a pixel box of the image (x1, y1 exclusive; Mix-of-Show regional "
                         "sampling), repeatable; --prompt stays the prompt outside the boxes")
+    g.add_argument("--region-layout", type=float, metavar="SHARE",
+                   help="for this share of the schedule (from the noisiest step; e.g. 0.4) denoise each region's "
+                        "crop of the latent with its own prompt, so that each region draws its own object (area "
+                        "composition; off by default)")
+    g.add_argument("--region-attention", default="on", choices=["on", "off"],
+                   help="Mix-of-Show's region-aware cross-attention in every step (default on); off needs "
+                        "--region-layout")
     g.add_argument("--negative")
     g.add_argument("--n", type=_positive_int, default=4)
     g.add_argument("--steps", type=_positive_int, default=25)

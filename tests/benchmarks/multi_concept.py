@@ -18,7 +18,11 @@ Rows:
 - gradient: Mix-of-Show's gradient fusion (kernels/backends/diffusers/fusion.py; each concept recorded on its
   instance prompt "a <ck>", 2 samples × 20 steps);
 - gradient + regions: the same fused model with regional sampling (§3.4): left half "a <ca>{context}", right half
-  "a <cb>{context}", the two-concept prompt as the global one.
+  "a <cb>{context}", the two-concept prompt as the global one;
+- gradient + layout: the same boxes and prompts, no regional cross-attention; for the first 40 % of the schedule
+  each half of the latent is denoised as a picture of its own with its prompt (region layout,
+  kernels/multi_concept/region_layout.py), then the whole latent with the global prompt;
+- gradient + layout + regions: both.
 
 Metrics (demo evaluator, kernels/demo/evaluator.py). Per image the evaluator recognises the objects; each concept
 of the prompt is paired with one object: the pairing that gives the most concepts an object of their own class,
@@ -36,7 +40,9 @@ object's region to the concept's reference photos (their masks), averaged over t
   of that concept's object in its alone images (same seed, all contexts): how much more it looks like the other
   concept than it does without it (0: no mixing; goal: regions at most half of gradient fusion's);
 - more like the other: share of paired objects more similar to the other concept's references than to their own;
-- both present: share of images in which both concepts have an object of their class (two toys for the two toys).
+- both present: share of images in which both concepts have an object of their class (two toys for the two toys);
+- two objects: share of images in which the evaluator finds two or more objects of any class and look (the picture
+  holds two things, whether or not they are the concepts).
 Means over seeds ± std over seeds. Fusion times are fuse_concepts' wall time; training times the engine's.
 
     .venv/bin/python tests/benchmarks/multi_concept.py [--seeds 3] [--concepts 2|4|both] [--steps N] [--samples 4]
@@ -63,7 +69,10 @@ HERE = Path(__file__).resolve().parent
 SETS = {2: ("checker_toy", "twotone_ball"), 4: ("checker_toy", "twotone_ball", "marked_box", "creature_toy")}
 CONTEXTS = ("", " on the beach", " on the grass")
 FUSIONS = ("sum", "average", "gradient")
-ROWS = ("alone", "sum", "average", "gradient", "gradient + regions")
+#: Rows sampled with the gradient-fused model and regions: (regional cross-attention, region layout share).
+REGIONAL_ROWS = {"gradient + regions": (True, 0.0), "gradient + layout": (False, 0.4),
+                 "gradient + layout + regions": (True, 0.4)}
+ROWS = ("alone", "sum", "average", "gradient", *REGIONAL_ROWS)
 RECIPE_NAME = "ED-LoRA (layer-wise tokens + LoRA, prior, UNet + text encoder)"
 FIDELITY_GOAL, MIXING_GOAL = 0.025, 0.5
 CACHE_FORMAT = "1"
@@ -167,7 +176,7 @@ def assign_objects(objects: list[dict], classes: list[str], own: np.ndarray, max
 def score_image(ev, image, recognised: dict, concepts: list[str], refs: dict[str, torch.Tensor]) -> dict:
     """One image of a prompt naming ``concepts``: the object paired with each, its similarity to every concept in
     ``refs`` (``sims[k]``, None when no object was left for concept k), whether it is of the concept's class
-    (``found``), and whether every concept found one (``all_present``)."""
+    (``found``), whether every concept found one (``all_present``), and how many objects were recognised."""
     from fewshot_personalize.kernels.demo.concepts import get_concept
 
     objects = recognised["objects"]
@@ -177,7 +186,7 @@ def score_image(ev, image, recognised: dict, concepts: list[str], refs: dict[str
     own = sims[:, [names.index(c) for c in concepts]] if len(objects) else sims
     chosen = assign_objects(objects, classes, own)
     found = [o is not None and objects[o]["cls"] == c for o, c in zip(chosen, classes)]
-    return {"objects": chosen, "found": found, "all_present": all(found),
+    return {"objects": chosen, "found": found, "all_present": all(found), "n_objects": len(objects),
             "sims": [None if o is None else dict(zip(names, sims[o].tolist())) for o in chosen],
             "bboxes": [None if o is None else objects[o]["bbox"] for o in chosen]}
 
@@ -197,7 +206,7 @@ def alone_baseline(scored: list[dict], concept: str) -> dict[str, float]:
 def pair_metrics(scored: list[dict], pair: tuple[str, str], baseline: dict[str, dict[str, float]]) -> dict:
     """Means over the images of one two-concept prompt: fidelity per concept, identity mixing (similarity to the
     other concept's references above the alone baseline), the share of objects more like the other concept,
-    and the both-present rate."""
+    the both-present rate, and the share of images with two (or more) objects of any class."""
     mixing, confused = [], []
     for s in scored:
         for k, (c, other) in enumerate((pair, pair[::-1])):
@@ -207,18 +216,22 @@ def pair_metrics(scored: list[dict], pair: tuple[str, str], baseline: dict[str, 
     return {"fidelity": {c: float(np.mean([fidelity(s, k, c) for s in scored])) for k, c in enumerate(pair)},
             "mixing": float(np.mean(mixing)) if mixing else None,
             "more_like_other": float(np.mean(confused)) if confused else None,
-            "both_present": float(np.mean([s["all_present"] for s in scored]))}
+            "both_present": float(np.mean([s["all_present"] for s in scored])),
+            "two_objects": float(np.mean([s["n_objects"] >= 2 for s in scored]))}
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-def sample(pipe, prompt: str, n: int, seed: int, adapters, regions=None):
-    """``n`` images with the demo settings (experiment.sample's), optionally with (Region, prompt) pairs."""
+def sample(pipe, prompt: str, n: int, seed: int, adapters, regions=None, layout: float = 0.0,
+           attention: bool = True):
+    """``n`` images with the demo settings (experiment.sample's), optionally with (Region, prompt) pairs, a region
+    layout share and regional cross-attention on or off."""
     from fewshot_personalize.kernels.backends.diffusers.generate import generate_images
     from fewshot_personalize.kernels.demo.experiment import GUIDANCE, SAMPLE_STEPS
     from fewshot_personalize.kernels.demo.model import RESOLUTION
 
     return generate_images(pipe, prompt, n=n, steps=SAMPLE_STEPS, seed=seed, guidance=GUIDANCE,
-                           resolution=RESOLUTION, batch=8, adapters=adapters, regions=regions)
+                           resolution=RESOLUTION, batch=8, adapters=adapters, regions=regions,
+                           region_layout=layout if regions else 0.0, region_attention=attention)
 
 
 def halves(pair, context: str):
@@ -245,8 +258,8 @@ def sample_seed(pipe, ev, seed: int, sets: list[int], files: dict[str, dict], sa
     refs = {c: reference_embedding(ev, c, seed) for c in names}
     records, shown, fuse_s = [], {}, {}
 
-    def scored_images(prompt, concepts, sample_seed_, adapters, regions=None):
-        imgs = sample(pipe, prompt, samples, sample_seed_, adapters, regions)
+    def scored_images(prompt, concepts, sample_seed_, adapters, regions=None, layout=0.0, attention=True):
+        imgs = sample(pipe, prompt, samples, sample_seed_, adapters, regions, layout, attention)
         return imgs, [score_image(ev, im, rec, list(concepts), refs) for im, rec in zip(imgs, ev.recognise(imgs))]
 
     baseline = {}
@@ -283,12 +296,14 @@ def sample_seed(pipe, ev, seed: int, sets: list[int], files: dict[str, dict], sa
                                         "context": ctx.strip() or "plain",
                                         "fidelity": {c: float(np.mean([fidelity(s, 0, c) for s in scored]))},
                                         "present": float(np.mean([s["all_present"] for s in scored]))})
-                for row in (fusion, "gradient + regions") if fusion == "gradient" else (fusion,):
+                for row in (fusion, *REGIONAL_ROWS) if fusion == "gradient" else (fusion,):
                     for pi, pair in enumerate(pairs):
                         for xi, ctx in enumerate(CONTEXTS):
-                            regions = halves(pair, ctx) if row == "gradient + regions" else None
+                            regions = halves(pair, ctx) if row in REGIONAL_ROWS else None
+                            attention, layout = REGIONAL_ROWS.get(row, (True, 0.0))
                             imgs, scored = scored_images(pair_prompt(pair, ctx), pair,
-                                                         seed * 100_000 + pi * 1000 + xi * 100, fused.adapters, regions)
+                                                         seed * 100_000 + pi * 1000 + xi * 100, fused.adapters, regions,
+                                                         layout, attention)
                             shown[(f"{n}:{row}", pair, ctx)] = (imgs[0], scored[0])
                             records.append({"seed": seed, "set": n, "row": row, "kind": "pair", "concepts": list(pair),
                                             "context": ctx.strip() or "plain", **pair_metrics(scored, pair, baseline)})
@@ -316,7 +331,8 @@ def summarise(records: list[dict], sets: list[int], seeds: int) -> dict:
             present = np.mean([r["present"] for r in records if r["seed"] == s and r["row"] == "alone"
                                and r["concepts"][0] in SETS[n]])
             rows = {"alone": {"fidelity": float(np.mean(list(alone.values()))), "drop": 0.0, "mixing": None,
-                              "more_like_other": None, "both_present": None, "present": float(present),
+                              "more_like_other": None, "both_present": None, "two_objects": None,
+                              "present": float(present),
                               "single_fidelity": float(np.mean(list(alone.values()))), "single_drop": 0.0}}
             for row in ROWS[1:]:
                 rs = [r for r in records if r["seed"] == s and r.get("set") == n and r["row"] == row
@@ -333,6 +349,7 @@ def summarise(records: list[dict], sets: list[int], seeds: int) -> dict:
                              "mixing": _mean([r["mixing"] for r in rs]),
                              "more_like_other": _mean([r["more_like_other"] for r in rs]),
                              "both_present": float(np.mean([r["both_present"] for r in rs])),
+                             "two_objects": _mean([r.get("two_objects") for r in rs]),
                              "single_fidelity": float(np.mean(list(one.values()))) if one else None,
                              "single_drop": float(np.mean([alone[c] - one[c] for c in SETS[n]])) if one else None}
             for row, m in rows.items():
@@ -348,13 +365,14 @@ def _mean(values) -> float | None:
 
 
 def per_pair(records: list[dict], n: int) -> dict:
-    """4-set detail: identity mixing and both-present per pair, gradient fusion with and without regions."""
+    """4-set detail: identity mixing and both-present per pair, gradient fusion without and with regions."""
     out = {}
     for pair in itertools.combinations(SETS[n], 2):
-        for row in ("gradient", "gradient + regions"):
+        for row in ("gradient", *REGIONAL_ROWS):
             rs = [r for r in records if r.get("set") == n and r["row"] == row and tuple(r["concepts"]) == pair]
             out.setdefault(" + ".join(pair), {})[row] = {"mixing": _mean([r["mixing"] for r in rs]),
-                                                         "both_present": _mean([r["both_present"] for r in rs])}
+                                                         "both_present": _mean([r["both_present"] for r in rs]),
+                                                         "two_objects": _mean([r.get("two_objects") for r in rs])}
     return out
 
 
@@ -394,8 +412,9 @@ def markdown(record: dict) -> str:
              f"{record['machine']}, torch {record['versions']['torch']}, {record['date']}, "
              f"{record['seconds'] / 60:.0f} min in all. Mean ± std over seeds.", "",
              "| concepts | row | one concept per image: fidelity ↑ | its drop vs alone ↓ | two concepts per image: "
-             "fidelity ↑ | its drop vs alone ↓ | identity mixing ↓ | more like the other ↓ | both present ↑ |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "fidelity ↑ | its drop vs alone ↓ | identity mixing ↓ | more like the other ↓ | both present ↑ | "
+             "two objects ↑ |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, rows in record["summary"].items():
         for row, m in rows.items():
             alone = row == "alone"
@@ -403,7 +422,8 @@ def markdown(record: dict) -> str:
             lines.append(f"| {n} | {row} | {_cell(m.get('single_fidelity'))} | "
                          f"{'—' if alone else _cell(m.get('single_drop'))} | {'—' if alone else _cell(m['fidelity'])} | "
                          f"{'—' if alone else _cell(m['drop'])} | {_cell(m['mixing'])} | "
-                         f"{_cell(m['more_like_other'], percent=True)} | {both} |")
+                         f"{_cell(m['more_like_other'], percent=True)} | {both} | "
+                         f"{_cell(m.get('two_objects'), percent=True)} |")
     lines += ["", "Goals (recorded, not asserted):"]
     for n, g in record["goals"].items():
         mix = ("no mixing to halve (gradient fusion's is ≤ 0)" if g["mixing_halved"] is None else
@@ -415,14 +435,15 @@ def markdown(record: dict) -> str:
                      f"Table 2a measure) {drop}; on two-concept images {g['fidelity_drop_two_concept_images']:+.3f}; "
                      f"identity mixing {mix}")
     if record.get("per_pair"):
-        lines += ["", "4 concepts, per pair (gradient fusion without → with regions; the two toys are paired with "
-                      "their objects by best similarity):", "",
-                  "| pair | identity mixing | both present |", "|---|---:|---:|"]
+        shown = [r for r in ("gradient", *REGIONAL_ROWS) if r in next(iter(record["per_pair"].values()))]
+        lines += ["", f"4 concepts, per pair ({' → '.join(shown)}; the two toys are paired with their objects by "
+                      "best similarity):", "",
+                  "| pair | identity mixing | both present | two objects |", "|---|---:|---:|---:|"]
+        f = lambda v, p=False: "—" if v is None else (f"{100 * v:.0f} %" if p else f"{v:.3f}")  # noqa: E731
         for pair, m in record["per_pair"].items():
-            g, r = m["gradient"], m["gradient + regions"]
-            f = lambda v, p=False: "—" if v is None else (f"{100 * v:.0f} %" if p else f"{v:.3f}")  # noqa: E731
-            lines.append(f"| {pair} | {f(g['mixing'])} → {f(r['mixing'])} | {f(g['both_present'], True)} → "
-                         f"{f(r['both_present'], True)} |")
+            lines.append(f"| {pair} | {' → '.join(f(m[r]['mixing']) for r in shown)} | "
+                         f"{' → '.join(f(m[r]['both_present'], True) for r in shown)} | "
+                         f"{' → '.join(f(m[r].get('two_objects'), True) for r in shown)} |")
     fs = record["fuse_seconds"]
     lines += ["", "Fusion wall time (fuse_concepts, s; mean ± std over seeds):", "",
               "| concepts | " + " | ".join(FUSIONS) + " |", "|---|" + "---:|" * len(FUSIONS)]
@@ -437,7 +458,8 @@ def markdown(record: dict) -> str:
                   "the alone row's seeds, with the fused model) or of two; identity mixing = its similarity to the other "
                   "concept's references minus the same for the concept's alone images; more like the other = share "
                   "of paired objects more similar to the other concept than to their own; both present = both "
-                  "concepts' classes recognised (two toys for the two toys). Objects are paired with concepts by "
+                  "concepts' classes recognised (two toys for the two toys); two objects = two or more objects "
+                  "recognised, of any class and look (the image holds two things, right or not). Objects are paired with concepts by "
                   "class, then by best similarity (see multi_concept.py).", ""]
     return "\n".join(lines)
 
@@ -566,7 +588,8 @@ def main() -> None:
                            "ridge": a.ridge if a.ridge is not None else DEFAULT_RIDGE,
                            "fusion_recording": "instance prompt 'a <ck>', 2 samples x 20 DPM steps, guidance 4",
                            "regions": "left half (0,0,32,64): 'a <ca>[ context]'; right half (32,0,64,64): "
-                                      "'a <cb>[ context]'; global: the two-concept prompt"},
+                                      "'a <cb>[ context]'; global: the two-concept prompt",
+                           "regional_rows": {k: {"attention": v[0], "layout": v[1]} for k, v in REGIONAL_ROWS.items()}},
               "summary": summary, "goals": goals(summary),
               "per_pair": per_pair(records, 4) if 4 in sets else None,
               "fuse_seconds": {k: _mean_std(v) for k, v in fuse_s.items()},

@@ -25,6 +25,7 @@ from ...core.images import write_pngs
 from ...multi_concept.regions import Region, region_masks
 from .adapters import PipelineAdapters
 from .pipeline import native_resolution
+from .region_layout import install_region_layout
 from .regional import encode_region_prompts, install_regional_attention
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,37 @@ def use_sampler(pipe, name: str = "dpm") -> None:
 def generate_images(pipe, prompt: str, *, negative: str | None = None, n: int = 1, steps: int = 25,
                     seed: int = 0, guidance: float = 7.5, resolution: int | None = None,
                     batch: int = 4, adapters: PipelineAdapters | None = None,
-                    regions: Sequence[tuple[Region, str]] | None = None) -> list[Image.Image]:
+                    regions: Sequence[tuple[Region, str]] | None = None,
+                    region_layout: float = 0.0, region_attention: bool = True) -> list[Image.Image]:
     """``n`` images of ``prompt``; image i uses seed ``seed + i`` (so any one image can be reproduced).
 
     ``regions``: (Region, prompt) pairs for Mix-of-Show's regional sampling (§3.4): inside each region the
     cross-attention uses its prompt instead of ``prompt`` (the negative branch is untouched); the processors
-    are removed again when the call ends, also on errors.
+    are removed again when the call ends, also on errors. ``region_layout`` > 0: for that share of the schedule
+    (from the noisiest step) each region's latent crop is also denoised with its own prompt
+    (:mod:`.region_layout`), so each region draws its own object; ``region_attention=False`` leaves the layout
+    alone, without region-aware cross-attention.
     """
     if not prompt or not prompt.strip():
         raise UserInputError("the prompt is empty")
     if n < 1 or steps < 1:
         raise UserInputError(f"--n and --steps must be at least 1 (got {n}, {steps})")
     res = resolution or native_resolution(pipe)
-    regional = None
+    regional = layout = None
+    if region_layout and not regions:
+        raise UserInputError("a region layout needs regions (--region)")
+    if regions and not region_attention and not region_layout:
+        raise UserInputError("regions without regional cross-attention need a region layout (--region-layout)")
     if regions:
         masks, notes = region_masks([r for r, _ in regions], res, res)
         for note in notes:
             log.info("note: %s", note)
         contexts = encode_region_prompts(pipe, [p for _, p in regions], adapters)
-        regional = install_regional_attention(pipe, contexts, masks, res, res, guided=uses_guidance(pipe, guidance))
+        guided = uses_guidance(pipe, guidance)
+        if region_attention:
+            regional = install_regional_attention(pipe, contexts, masks, res, res, guided=guided)
+        if region_layout:
+            layout = install_region_layout(pipe, contexts, masks, region_layout, guided=guided, regional=regional)
     images: list[Image.Image] = []
     try:
         for start in range(0, n, batch):
@@ -80,8 +93,9 @@ def generate_images(pipe, prompt: str, *, negative: str | None = None, n: int = 
                        generator=gens)
             images.extend(out.images)
     finally:
-        if regional is not None:
-            regional.remove()
+        for handle in (layout, regional):
+            if handle is not None:
+                handle.remove()
     return images
 
 

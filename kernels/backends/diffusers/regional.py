@@ -19,6 +19,7 @@ region, the attention with the global prompt by the attention with that region's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,31 @@ class RegionWeightCache:
         return self._cache[key]
 
 
+class RegionalSwitch:
+    """Shared by the processors of one install: ``active`` False makes them plain cross-attention (the region
+    layout phase runs the UNet on region crops, where the image-size regions do not apply)."""
+
+    def __init__(self):
+        self.active = True
+
+
+class RegionalHandle(Handle):
+    """The :class:`Handle` of :func:`install_regional_attention`, with :meth:`paused` for calls on region crops."""
+
+    def __init__(self, undo, switch: RegionalSwitch):
+        super().__init__(undo)
+        self.switch = switch
+
+    @contextmanager
+    def paused(self):
+        """Plain cross-attention inside the ``with`` block."""
+        before, self.switch.active = self.switch.active, False
+        try:
+            yield
+        finally:
+            self.switch.active = before
+
+
 class RegionalCrossAttnProcessor:
     """Region-aware cross-attention (Mix-of-Show §3.4) for one diffusers ``Attention`` module used as ``attn2``.
 
@@ -55,8 +81,9 @@ class RegionalCrossAttnProcessor:
     """
 
     def __init__(self, layer: int, layers: int, region_contexts: Sequence[torch.Tensor],
-                 weights: RegionWeightCache, guided: bool = True):
+                 weights: RegionWeightCache, guided: bool = True, switch: RegionalSwitch | None = None):
         self.layer, self.layers = layer, layers
+        self.switch = switch or RegionalSwitch()
         self.region_contexts = list(region_contexts)
         self.weights = weights
         self.guided = guided
@@ -113,15 +140,18 @@ class RegionalCrossAttnProcessor:
 
         query = attn.to_q(hidden_states)
         key, value = project(encoder_hidden_states)
-        cond = self.conditional_rows(query.shape[0])
-        region_kv = [project(self._region_context(c, encoder_hidden_states.shape[1], encoder_hidden_states))
-                     for c in self.region_contexts]
-        out = regional_attention(query[cond], key[cond], value[cond], [k for k, _ in region_kv],
-                                 [v for _, v in region_kv], self.weights(query.shape[1], query.device), attn.heads,
-                                 attention=attend)
-        if cond.start:  # unconditional rows: plain attention with the global (negative) prompt
-            uncond = slice(0, cond.start)
-            out = torch.cat([attend(query[uncond], key[uncond], value[uncond], attn.heads), out])
+        if self.switch.active:
+            cond = self.conditional_rows(query.shape[0])
+            region_kv = [project(self._region_context(c, encoder_hidden_states.shape[1], encoder_hidden_states))
+                         for c in self.region_contexts]
+            out = regional_attention(query[cond], key[cond], value[cond], [k for k, _ in region_kv],
+                                     [v for _, v in region_kv], self.weights(query.shape[1], query.device),
+                                     attn.heads, attention=attend)
+            if cond.start:  # unconditional rows: plain attention with the global (negative) prompt
+                uncond = slice(0, cond.start)
+                out = torch.cat([attend(query[uncond], key[uncond], value[uncond], attn.heads), out])
+        else:  # paused (region layout's calls on region crops): plain cross-attention
+            out = attend(query, key, value, attn.heads)
         hidden_states = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, channel, height, width)
@@ -157,19 +187,20 @@ def install_regional_attention(pipe, region_contexts: Sequence[torch.Tensor], ma
         height, width: the image size in pixels (gives each layer's token grid its aspect).
         guided: the pipeline samples with classifier-free guidance ([uncond, cond] batches): only the
             second half of each batch gets regions. False: every row does.
-    Returns a :class:`Handle` whose ``remove()`` puts back exactly the processors that were there before.
+    Returns a :class:`RegionalHandle` whose ``remove()`` puts back exactly the processors that were there before.
     """
     if masks.dim() != 3 or masks.shape[0] != len(region_contexts):
         raise ValueError(f"{len(region_contexts)} region contexts need masks [R={len(region_contexts)}, H, W], "
                          f"got {tuple(masks.shape)}")
     modules = DiffusersDenoiser(pipe).cross_attention_modules()
-    weights = RegionWeightCache(masks, height, width)
+    weights, switch = RegionWeightCache(masks, height, width), RegionalSwitch()
     previous = [m.processor for m in modules]
     for layer, module in enumerate(modules):
-        module.set_processor(RegionalCrossAttnProcessor(layer, len(modules), region_contexts, weights, guided))
+        module.set_processor(RegionalCrossAttnProcessor(layer, len(modules), region_contexts, weights, guided,
+                                                        switch))
 
     def restore() -> None:
         for module, processor in zip(modules, previous):
             module.set_processor(processor)
 
-    return Handle(restore)
+    return RegionalHandle(restore, switch)
