@@ -62,19 +62,27 @@ class ApplyRegions(io.ComfyNode):
             category="fewshot/sampling",
             description="Mix-of-Show's regional sampling (§3.4): in every cross-attention layer the image inside "
                         "each region attends to that region's prompt, elsewhere to the global prompt; overlaps are "
-                        "averaged. Feed both outputs to the stock KSampler (the negative prompt as usual).",
+                        "averaged; optionally a region layout first, which makes each region draw its own object. "
+                        "Feed both outputs to the stock KSampler (the negative prompt as usual).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (after Apply ED-LoRA / fused concepts when "
                                "the prompts use concept tokens). It is not changed: a patched copy is output."),
                 io.Conditioning.Input("positive", tooltip="The global prompt (CLIP Text Encode): the whole scene, "
                                       "e.g. 'a <cat1> and a <dog1> on the beach'. Its pooled output is kept."),
                 RegionsSocket.Input("regions", tooltip="The regions (Region prompt nodes, chained)."),
+                io.Float.Input("layout", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Region layout: for this share of the steps (from the first; e.g. 0.4) each "
+                                       "region's part of the latent is also denoised as a picture of its own with its "
+                                       "prompt, so that each region draws its own object (area composition). 0: off."),
+                io.Boolean.Input("region_attention", default=True, optional=True,
+                                 tooltip="Mix-of-Show's region-aware cross-attention in every step. Off: the layout "
+                                         "alone places the objects (needs layout > 0)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.Conditioning.Output(display_name="positive")],
         )
 
     @classmethod
-    def execute(cls, model, positive, regions) -> io.NodeOutput:
-        out, conditioning, text = apply_regions(model, positive, regions)
+    def execute(cls, model, positive, regions, layout=0.0, region_attention=True) -> io.NodeOutput:
+        out, conditioning, text = apply_regions(model, positive, regions, layout, region_attention)
         return io.NodeOutput(out, conditioning, ui=ui.PreviewText(text))

@@ -23,6 +23,7 @@ import torch
 from ...kernels.core.errors import UserInputError
 from ...kernels.multi_concept.regions import Region, region_masks, regional_attention, token_weights
 from .layerwise import TOKENS, cross_attention_order
+from .region_layout import install_layout
 
 #: conditioning keys that place or time a prompt; a region prompt's own are not used (its mask/box places it)
 _PLACEMENT_KEYS = ("area", "mask", "strength", "start_percent", "end_percent", "set_area_to_bounds")
@@ -150,12 +151,21 @@ def _assemble(global_context: torch.Tensor, regions: list[RegionEntry], length: 
     return torch.cat(out, dim=1)
 
 
-def apply_regions(model, positive, regions) -> tuple[object, list, str]:
+def apply_regions(model, positive, regions, layout: float = 0.0, attention: bool = True) -> tuple[object, list, str]:
     """(MODEL clone with the regional attn2 patch, the positive with the region contexts appended, text for the user)
-    for Mix-of-Show's regional sampling (§3.4). The caller's MODEL and conditioning are not changed."""
+    for Mix-of-Show's regional sampling (§3.4). The caller's MODEL and conditioning are not changed.
+
+    ``layout`` > 0: for that share of the schedule each region's latent crop is also denoised with its own prompt
+    (:mod:`.region_layout`); ``attention=False``: no region-aware cross-attention (the global prompt everywhere
+    once the layout is over; needs a layout)."""
     regions = list(regions or [])
     if not regions:
         raise UserInputError("no regions: connect the REGIONS output of a 'Region prompt' node")
+    if not 0 <= layout <= 1:
+        raise UserInputError(f"the layout share must be between 0 and 1, got {layout}")
+    if not attention and not layout:
+        raise UserInputError("with region attention off the regions need a layout share above 0 (else they would do "
+                             "nothing)")
     if not isinstance(positive, (list, tuple)) or not positive:
         raise UserInputError("the positive conditioning is empty; connect the global prompt's CLIP Text Encode")
     sizes = {(r.width, r.height) for r in regions}
@@ -188,11 +198,14 @@ def apply_regions(model, positive, regions) -> tuple[object, list, str]:
     replaced = out.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     if replaced:
         notes.append(f"this replaces {len(replaced)} attn2 replace patch(es) already on the MODEL (from another node)")
-    patch = RegionalAttentionPatch(masks, len(regions), part_tokens, (height, width))
+    patch = RegionalAttentionPatch(masks, len(regions), part_tokens, (height, width), global_only=not attention)
     for block_name, block_id, index in order:
         out.set_model_attn2_replace(patch, block_name, block_id, index)
+    if layout:
+        notes.append(install_layout(out, masks, len(regions), length, layout))
     stacked = f" (stacked per layer: {len(order)} layers x {TOKENS})" if part_tokens != length else ""
-    summary = (f"{len(regions)} region(s) on a {width}x{height} image, {len(order)} cross-attention layers patched; "
+    what = "cross-attention layers patched" if attention else "cross-attention layers see the global prompt only"
+    summary = (f"{len(regions)} region(s) on a {width}x{height} image, {len(order)} {what}; "
                f"every prompt as {length} tokens{stacked}")
     return out, conditioning, "\n".join([summary, *notes])
 
@@ -216,9 +229,11 @@ class RegionalAttentionPatch:
     aspect from the latent, cached per N). Other rows and lengths get plain attention, ComfyUI's own.
     """
 
-    def __init__(self, masks: torch.Tensor, regions: int, part_tokens: int, size: tuple[int, int]):
+    def __init__(self, masks: torch.Tensor, regions: int, part_tokens: int, size: tuple[int, int],
+                 global_only: bool = False):
         self.masks = masks.detach().float().cpu()
         self.regions, self.part_tokens = regions, part_tokens
+        self.global_only = global_only  # region attention off (a layout alone): the global part everywhere
         self.size = size  # (height, width) of the image the masks are drawn on
         self._weights: dict[tuple, torch.Tensor] = {}
         self._told: set[tuple[int, int]] = set()
@@ -259,6 +274,8 @@ class RegionalAttentionPatch:
         weights = self.weights(q.shape[1], latent, q.device)
 
         def regional(q_, k_, v_):
+            if self.global_only:
+                return attention(q_, k_[:, :length], v_[:, :length], heads)
             parts_k = [k_[:, i * length:(i + 1) * length] for i in range(1 + self.regions)]
             parts_v = [v_[:, i * length:(i + 1) * length] for i in range(1 + self.regions)]
             return regional_attention(q_, parts_k[0], parts_v[0], parts_k[1:], parts_v[1:], weights, heads,

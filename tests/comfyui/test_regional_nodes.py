@@ -62,11 +62,11 @@ def _region(conditioning, mask=None, box=(0, 0, SIZE, SIZE), regions=None, size=
         return RegionPromptNode.execute(conditioning, *box, size, size, mask=mask, regions=regions)
 
 
-def _apply(model, positive, regions):
+def _apply(model, positive, regions, **options):
     from fewshot_personalize.nodes.regional import ApplyRegions
 
     with torch.inference_mode():
-        return ApplyRegions.execute(model, positive, regions)
+        return ApplyRegions.execute(model, positive, regions, **options)
 
 
 def _text(out) -> str:
@@ -280,3 +280,98 @@ def test_layerwise_prompts_need_the_routing_model_and_short_prompts(tiny_objects
     assert long[0].shape[1] == 2 * 77  # ComfyUI encodes a long prompt in chunks of 77
     with pytest.raises(UserInputError, match=r"the global prompt \(154 tokens\).*one chunk of 77 tokens"):
         _apply(m2, [long], regions)
+
+
+# ------------------------------------------------------------------------------------------------ region layout
+def test_a_whole_image_layout_without_region_attention_samples_like_its_prompt(family_case, comfy_nodes):
+    _, _, (m, c, _) = family_case
+    g, p, neg = _entry(c, GLOBAL), _entry(c, LEFT), _entry(c, "")
+    regions = _region([p], mask=torch.ones(1, SIZE, SIZE)).args[0]
+    applied = _apply(m, [g], regions, layout=1.0, region_attention=False)
+    assert "region layout for the first 100% of the schedule" in _text(applied)
+    assert "see the global prompt only" in _text(applied)
+    m2, positive = applied.args
+    ours = _sample(m2, positive, [neg], comfy_nodes)
+    _assert_same(ours, _sample(m, [_as(p, g)], [neg], comfy_nodes))
+
+
+def test_with_region_attention_off_the_patch_attends_to_the_global_prompt_only(tiny_objects):
+    from fewshot_personalize.kernels.multi_concept.regions import multihead_attention
+    from fewshot_personalize.nodes.backend.regional import RegionalAttentionPatch
+
+    left, right = _halves()
+    patch = RegionalAttentionPatch(torch.stack([left, right]), 2, 77, (SIZE, SIZE), global_only=True)
+    q, (kg, k1, k2), (vg, v1, v2), extra = _patch_case(3)
+    k, v = torch.cat([kg, k1, k2], 1), torch.cat([vg, v1, v2], 1)
+    out = patch(q, k, v, {**extra, "cond_or_uncond": [0, 1]})
+    torch.testing.assert_close(out[:1], multihead_attention(q, kg, vg, 2)[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:], multihead_attention(q, k, v, 2)[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_layout_composes_with_ed_lora(family_case, loras_dir):
+    from fewshot_personalize.kernels.backends.diffusers import load_pipeline
+    from fewshot_personalize.nodes.apply_layerwise import ApplyLayerwiseConcepts
+
+    family, folder, (m, c, _) = family_case
+    _write_edlora(load_pipeline(str(folder)), family, loras_dir / "sks.safetensors")
+    m2, c2 = ApplyLayerwiseConcepts.execute(m, c, "sks.safetensors", 1.0, 1.0).args
+    g, p, neg = _entry(c2, GLOBAL), _entry(c2, PROMPT), _entry(c2, "")
+    regions = _region([p], mask=torch.ones(1, SIZE, SIZE)).args[0]
+    m3, positive = _apply(m2, [g], regions, layout=1.0, region_attention=False).args
+    _assert_same(_sample(m3, positive, [neg]), _sample(m2, [_as(p, g)], [neg]))
+
+
+def _stub_model(calls):
+    """An apply_model stand-in: the output is the input plus the mean of its context, so every row and crop shows
+    which context it ran with."""
+    def apply_model(x, t, c_crossattn=None, **kw):
+        calls.append({"shape": tuple(x.shape), "t": t.clone(), "keys": set(kw),
+                      "flags": kw["transformer_options"]["cond_or_uncond"]})
+        return x + c_crossattn.mean((1, 2))[:, None, None, None]
+    return apply_model
+
+
+def test_the_layout_wrapper_composes_conditional_rows_inside_the_crops_and_only_early(tiny_objects):
+    from fewshot_personalize.nodes.backend.region_layout import RegionLayoutWrapper
+
+    left, right = _halves()
+    previous_calls = []
+
+    def previous(apply_model, args):  # another node's wrapper: kept, and called for every run
+        previous_calls.append(args["input"].shape)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    wrapper = RegionLayoutWrapper(torch.stack([left, right]), 2, 77, sigma_from=5.0, factor=2, previous=previous)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    parts = [torch.full((2, 77, 8), v) for v in (1.0, 10.0, 100.0)]  # global, region 1, region 2
+    context = torch.cat(parts, 1)
+    c = {"c_crossattn": context, "y": torch.randn(2, 3, generator=g), "control": object(),
+         "transformer_options": {"cond_or_uncond": [1, 0], "uuids": ["u", "c"]}}
+    calls = []
+    args = {"input": x, "timestep": torch.tensor([9.0, 9.0]), "c": c, "cond_or_uncond": [1, 0]}
+    out = wrapper(_stub_model(calls), args)
+    plain = x + context.mean((1, 2))[:, None, None, None]
+    torch.testing.assert_close(out[0], plain[0])  # the unconditional row (flag 1) is untouched
+    torch.testing.assert_close(out[1, ..., :4], x[1, ..., :4] + 10.0)  # left half: region 1's context
+    torch.testing.assert_close(out[1, ..., 4:], x[1, ..., 4:] + 100.0)  # right half: region 2's
+    assert [k["shape"] for k in calls] == [(2, 4, 8, 8), (1, 4, 8, 4), (1, 4, 8, 4)]
+    assert all("control" not in k["keys"] and k["flags"] == [0] for k in calls[1:])  # no ControlNet on crops
+    assert len(previous_calls) == 3
+    calls.clear()
+    late = wrapper(_stub_model(calls), {**args, "timestep": torch.tensor([4.0, 4.0])})  # below sigma_from
+    torch.testing.assert_close(late, plain)
+    assert len(calls) == 1  # no crop runs
+    other = {**c, "c_crossattn": parts[0]}  # not Apply regional sampling's conditioning: untouched
+    torch.testing.assert_close(wrapper(_stub_model(calls), {**args, "c": other}), x + 1.0)
+
+
+def test_layout_requests_that_would_do_nothing_or_are_out_of_range_are_refused(tiny_objects):
+    from fewshot_personalize.kernels.core.errors import UserInputError
+
+    m, c, _ = tiny_objects
+    regions = _region([_entry(c, LEFT)], box=(0, 0, 32, 64)).args[0]
+    with pytest.raises(UserInputError, match="region attention off the regions need a layout share above 0"):
+        _apply(m, [_entry(c, GLOBAL)], regions, layout=0.0, region_attention=False)
+    with pytest.raises(UserInputError, match="layout share must be between 0 and 1, got 1.5"):
+        _apply(m, [_entry(c, GLOBAL)], regions, layout=1.5)
