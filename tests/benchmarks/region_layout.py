@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 #: (name, regional cross-attention, layout share); None: no regions at all
 SETTINGS = [("plain (no regions)", None, 0.0), ("regions (Mix-of-Show 3.4)", True, 0.0),
             ("layout 0.2", False, 0.2), ("layout 0.3", False, 0.3), ("layout 0.4", False, 0.4),
-            ("layout 0.6", False, 0.6), ("layout 0.4 + regions", True, 0.4)]
+            ("layout 0.6", False, 0.6), ("layout 0.8", False, 0.8), ("layout 1.0", False, 1.0),
+            ("layout 0.4 + regions", True, 0.4), ("layout 0.6 + regions", True, 0.6)]
 SHOWN = 12
 
 
