@@ -11,8 +11,9 @@ region is a small picture of its own and the model draws its subject in it; late
 latent (with regional cross-attention if asked) and make the picture one scene.
 
 Backend-independent math: :func:`layout_crops` (where each region's crop lies on the latent grid and how much
-of each latent pixel belongs to it) and :func:`compose_layout` (the composed prediction, overlaps averaged
-as in :func:`.regions.combine_weights`).
+of each latent pixel belongs to it), :func:`compose_layout` (the composed prediction, overlaps averaged
+as in :func:`.regions.combine_weights`) and :func:`per_sample` (a denoiser input cut to the rows a crop run
+takes).
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def layout_crops(masks: torch.Tensor, latent_height: int, latent_width: int, mul
         x0, x1 = _span(int(cols[0]), int(cols[-1]) + 1, latent_width, multiple)
         crops.append(LayoutCrop(y0, y1, x0, x1, w[y0:y1, x0:x1].clone()))
     return crops
+
+
+def per_sample(value, rows, batch: int):
+    """``value`` restricted to ``rows`` (a slice or an index tensor) where it is per-sample: a tensor with ``batch``
+    rows, or a dict of such values (SDXL's added conditioning); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+        return value[rows.to(value.device) if isinstance(rows, torch.Tensor) else rows]
+    if isinstance(value, dict):
+        return {k: per_sample(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 def compose_layout(global_prediction: torch.Tensor, region_predictions: list[torch.Tensor],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.multi_concept.region_layout import compose_layout, layout_crops
+from ...kernels.multi_concept.region_layout import compose_layout, layout_crops, per_sample
 
 
 def _default_run(apply_model, args: dict) -> torch.Tensor:
@@ -31,9 +31,9 @@ def _cond_rows(flags: list, batch: int) -> torch.Tensor | None:
 
 def _crop_args(value, rows: torch.Tensor, batch: int, spatial: tuple[int, int], crop):
     """A conditioning value for a crop run: per-row tensors restricted to ``rows``; latent-shaped ones cropped too."""
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
-        value = value[rows.to(value.device)]
-        return crop.crop(value) if value.dim() == 4 and tuple(value.shape[-2:]) == spatial else value
+    value = per_sample(value, rows, batch)
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[-2:]) == spatial:
+        return crop.crop(value)
     return value
 
 

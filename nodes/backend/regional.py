@@ -271,7 +271,7 @@ class RegionalAttentionPatch:
             return attention(q, k, v, heads)
         shape = extra_options.get("original_shape")
         latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else self.size
-        weights = self.weights(q.shape[1], latent, q.device)
+        weights = None if self.global_only else self.weights(q.shape[1], latent, q.device)
 
         def regional(q_, k_, v_):
             if self.global_only:

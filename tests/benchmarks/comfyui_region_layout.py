@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from region_layout import object_prompts  # noqa: E402  (the library benchmark's region prompts)
 SETTINGS = [("plain (no regions)", None), ("regions (Mix-of-Show 3.4)", {"layout": 0.0, "region_attention": True}),
             ("layout 0.4", {"layout": 0.4, "region_attention": False}),
             ("layout 0.4 + regions", {"layout": 0.4, "region_attention": True})]
@@ -64,7 +66,6 @@ def main() -> None:
 
     from PIL import Image
 
-    from fewshot_personalize.kernels.demo import world
     from fewshot_personalize.kernels.demo.evaluator import Evaluator
     from fewshot_personalize.kernels.demo.model import RESOLUTION, demo_model_path
     from fewshot_personalize.kernels.demo.model_quality import both_objects_right, two_object_scenes
@@ -94,13 +95,13 @@ def main() -> None:
             m, positive = model, encode(caption)
             with torch.inference_mode():
                 if options is not None:
-                    context = world.CONTEXT_PHRASES[scene.context]
-                    phrases = [" ".join(p for p in (o.caption(), context) if p) for o in scene.objects]
+                    phrases = object_prompts(scene)
                     left = RegionPromptNode.execute(encode(phrases[0]), 0, 0, half, size, size, size).args[0]
                     both = RegionPromptNode.execute(encode(phrases[1]), half, 0, size, size, size, size,
                                                     regions=left).args[0]
                     m, positive = ApplyRegions.execute(model, positive, both, **options).args
-                latent = torch.zeros(1, 8, size // 4, size // 4)
+                side = size // vae.downscale_ratio
+                latent = torch.zeros(1, vae.latent_channels, side, side)
                 samples = comfy_nodes.common_ksampler(m, 1000 + i, STEPS, CFG, "euler", "normal", positive, negative,
                                                       {"samples": latent})[0]["samples"]
                 pixels = vae.decode(samples)[0].clamp(0, 1).cpu().numpy()

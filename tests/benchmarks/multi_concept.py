@@ -459,8 +459,8 @@ def markdown(record: dict) -> str:
                   "concept's references minus the same for the concept's alone images; more like the other = share "
                   "of paired objects more similar to the other concept than to their own; both present = both "
                   "concepts' classes recognised (two toys for the two toys); two objects = two or more objects "
-                  "recognised, of any class and look (the image holds two things, right or not). Objects are paired with concepts by "
-                  "class, then by best similarity (see multi_concept.py).", ""]
+                  "recognised, of any class and look (the image holds two things, right or not). Objects are "
+                  "paired with concepts by class, then by best similarity (see multi_concept.py).", ""]
     return "\n".join(lines)
 
 

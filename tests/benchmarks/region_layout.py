@@ -32,13 +32,19 @@ SETTINGS = [("plain (no regions)", None, 0.0), ("regions (Mix-of-Show 3.4)", Tru
 SHOWN = 12
 
 
-def halves(scene, resolution: int):
-    """Left half: the first object's phrase (+ context); right half: the second's."""
+def object_prompts(scene) -> list[str]:
+    """Each object's phrase with the scene's context ("a green kite in the snow"), in the caption's order."""
     from fewshot_personalize.kernels.demo import world
-    from fewshot_personalize.kernels.multi_concept.regions import Region
 
     context = world.CONTEXT_PHRASES[scene.context]
-    prompts = [" ".join(p for p in (o.caption(), context) if p) for o in scene.objects]
+    return [" ".join(p for p in (o.caption(), context) if p) for o in scene.objects]
+
+
+def halves(scene, resolution: int):
+    """Left half: the first object's phrase (+ context); right half: the second's."""
+    from fewshot_personalize.kernels.multi_concept.regions import Region
+
+    prompts = object_prompts(scene)
     h, r = resolution // 2, resolution
     return [(Region.from_box(box, i, label=p), p) for i, (box, p) in enumerate(zip(((0, 0, h, r), (h, 0, r, r)),
                                                                                  prompts))]

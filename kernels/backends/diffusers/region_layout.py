@@ -17,21 +17,12 @@ import torch
 
 from ...core.errors import UserInputError
 from ...engine.seams import Handle, replace_forwards
-from ...multi_concept.region_layout import compose_layout, layout_crops
+from ...multi_concept.region_layout import compose_layout, layout_crops, per_sample
 
 
 def down_sampling_factor(unet) -> int:
     """How much a UNet2DConditionModel shrinks the latent at its deepest level: 2 per down block but the last."""
     return 2 ** max(0, len(unet.config.down_block_types) - 1)
-
-
-def _rows(value, rows: slice, batch: int):
-    """``value`` restricted to ``rows`` where it is per-sample (a tensor with ``batch`` rows, or a dict of them)."""
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
-        return value[rows]
-    if isinstance(value, dict):
-        return {k: _rows(v, rows, batch) for k, v in value.items()}
-    return value
 
 
 def install_region_layout(pipe, region_contexts: Sequence[torch.Tensor], masks: torch.Tensor, until: float, *,
@@ -74,9 +65,9 @@ def install_region_layout(pipe, region_contexts: Sequence[torch.Tensor], masks: 
             crops_by_size[size] = layout_crops(masks, size[0], size[1], factor)
         crops = crops_by_size[size]
         cond = sample[rows]
-        step = _rows(torch.as_tensor(timestep, device=sample.device), rows, batch)
-        extra = [_rows(a, rows, batch) for a in args]
-        extra_kw = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+        step = per_sample(torch.as_tensor(timestep, device=sample.device), rows, batch)
+        extra = [per_sample(a, rows, batch) for a in args]
+        extra_kw = {k: per_sample(v, rows, batch) for k, v in kwargs.items()}
         region_predictions = []
         with regional.paused() if regional is not None else nullcontext():
             for crop, context in zip(crops, region_contexts):
