@@ -233,3 +233,37 @@ def test_pretraining_continues_from_a_folder_of_the_vae_alone(tmp_path, monkeypa
     assert rec["vae"]["steps"] > first["vae"]["steps"] and rec["sessions"][1]["continued_from"] == str(keep)
     kept = load_file(str(keep / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(starts[1][k], kept[k]) for k in kept)  # the second session started from the kept VAE
+
+
+def test_decoder_stage_fine_tunes_the_decoder_alone_and_resumes(tmp_path):
+    """Stage 5 trains only the decoder (encoder, latent scale and UNet stay bit-identical, so the UNet's latent space
+    is untouched), records its budget and measurement, and a second run of the same command trains no further."""
+    from safetensors.torch import load_file
+
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    first = pretrain(tmp_path / "m1", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    assert "decoder" not in first and first["budget_minutes"]["decoder"] == 0
+    rec = pretrain(tmp_path / "m2", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01,
+                   decoder_minutes=0.02, **TINY)
+    assert rec["finished"] is True and rec["decoder"]["steps"] >= 1 and rec["unet"]["steps"] == first["unet"]["steps"]
+    assert rec["decoder"]["lr"] > 0 and rec["decoder"]["held_out_reconstruction"]["images"] > 0
+    assert rec["sessions"][-1]["decoder_s"] > 0 and rec["latent_scaling_factor"] == first["latent_scaling_factor"]
+
+    def weights(m, part):
+        return load_file(str(tmp_path / m / part / "diffusion_pytorch_model.safetensors"))
+
+    v1, v2 = weights("m1", "vae"), weights("m2", "vae")
+    kept = [k for k in v1 if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in v1 if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and tuned and len(kept) + len(tuned) == len(v1)
+    assert all(torch.equal(v1[k], v2[k]) for k in kept)
+    assert any(not torch.equal(v1[k], v2[k]) for k in tuned)
+    u1, u2 = weights("m1", "unet"), weights("m2", "unet")
+    assert all(torch.equal(u1[k], u2[k]) for k in u1)
+
+    again = pretrain(tmp_path / "m3", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01,
+                     decoder_minutes=0.02, **TINY)
+    assert again["decoder"]["steps"] == rec["decoder"]["steps"]  # budget spent: nothing more
+    v3 = weights("m3", "vae")
+    assert all(torch.equal(v2[k], v3[k]) for k in v2)  # the fine-tuned decoder is loaded from the work folder

@@ -6,6 +6,10 @@ plus ``edge_weight`` × the L1 error of horizontal and vertical pixel difference
 plus 1e-6 × KL (Kingma & Welling 2014; Rombach et al. 2022 §3.1 use a similarly small weight). Half the scenes are
 hue-shifted and half get pasted patches of random colour and pattern (vae_data.py). Most steps see 32×32 crops
 (the VAE is fully convolutional; 4× cheaper), the last 30 % of the budget full images.
+
+:func:`train_decoder` fine-tunes the decoder alone on the frozen encoder's latent means, with the same loss minus the
+KL term, on full images: the latent space a UNet was trained on stays exactly as it was (the recipe of Stability's
+``sd-vae-ft-mse`` decoder for Stable Diffusion, which also left the encoder untouched).
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ def edge_error(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
+def augmented_batch(images: np.ndarray, masks: np.ndarray, idx: np.ndarray, g: torch.Generator, augment: float,
+                    object_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes ``idx`` as pixels, hue-shifted and with pasted patches (a share ``augment`` each), and the per-pixel
+    loss weight: ``1 + object_weight`` on object and patch pixels, 1 elsewhere."""
+    x = hue_shift(to_pixels(images[idx]), g, augment)
+    x, pasted = paste_patches(x, g, augment)
+    return x, 1.0 + object_weight * (torch.from_numpy(masks[idx]).unsqueeze(1) | pasted).float()
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Weighted L1 + squared pixel error plus ``edge_weight`` × the error of pixel differences."""
+    return (w * pixel_error(rec, x)).mean() + edge_weight * edge_error(rec, x)
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, losses: list[float]) -> None:
+    """One optimizer step on ``loss``, recorded in ``losses``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+
+
+def session_stats(steps: int, seconds: float, losses: list[float]) -> dict:
+    """What a training function returns: this session's steps, seconds and mean loss per 50 steps."""
+    return {"steps": steps, "seconds": seconds,
+            "loss_curve_per_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]}
+
+
 def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray, *, budget_s: float,
               done_s: float, seed: int, done_steps: int = 0, batch: int = 16, lr: float = 1e-3, object_weight: float = 4.0,
               edge_weight: float = 0.5, augment: float = 0.5, checkpoint_every_s: float = 300.0,
@@ -58,10 +90,7 @@ def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: 
         progress = clock.progress()
         crop = 32 if progress < 0.7 else full
         n = batch if crop < full else max(1, batch // 4)
-        idx = rng.integers(0, len(images), n)
-        x = hue_shift(to_pixels(images[idx]), g, augment)
-        x, pasted = paste_patches(x, g, augment)
-        w = 1.0 + object_weight * (torch.from_numpy(masks[idx]).unsqueeze(1) | pasted).float()
+        x, w = augmented_batch(images, masks, rng.integers(0, len(images), n), g, augment, object_weight)
         if crop < full:
             oy, ox = rng.integers(0, full - crop + 1, 2)
             x, w = x[:, :, oy:oy + crop, ox:ox + crop], w[:, :, oy:oy + crop, ox:ox + crop]
@@ -69,11 +98,8 @@ def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: 
             group["lr"] = lr * (0.55 + 0.45 * np.cos(np.pi * progress))
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample(generator=g)).sample
-        loss = (w * pixel_error(rec, x)).mean() + edge_weight * edge_error(rec, x) + 1e-6 * dist.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        loss = reconstruction_loss(rec, x, w, edge_weight) + 1e-6 * dist.kl().mean()
+        descend(optimizer, loss, losses)
         step += 1
         if len(losses) % 50 == 0:
             log.info("vae step %d (crop %d) loss %.4f (%.0f of %.0f s)", step, crop, np.mean(losses[-50:]),
@@ -81,5 +107,48 @@ def train_vae(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: 
         clock.tick(step, losses)
     seconds = clock.finish(step, losses)
     vae.eval()
-    return {"steps": step - done_steps, "seconds": seconds, "loss_curve_per_50": [float(np.mean(losses[i:i + 50]))
-                                                                     for i in range(0, len(losses), 50)]}
+    return session_stats(step - done_steps, seconds, losses)
+
+
+def decoder_parameters(vae) -> list[torch.nn.Parameter]:
+    """What :func:`train_decoder` trains: the decoder and the convolution in front of it."""
+    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+
+
+def train_decoder(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray, *, budget_s: float,
+                  done_s: float, seed: int, done_steps: int = 0, batch: int = 8, lr: float = 5e-4,
+                  object_weight: float = 4.0, edge_weight: float = 0.5, augment: float = 0.5,
+                  checkpoint_every_s: float = 300.0, on_checkpoint: OnCheckpoint | None = None,
+                  session_s: float = float("inf")) -> dict:
+    """Fine-tune :func:`decoder_parameters` (``optimizer`` holds only those) to decode the frozen encoder's latent
+    means (what a UNet trained on them produces) of augmented full-size scenes; the encoder is not touched. Budget,
+    sessions, checkpoints and the cosine learning rate as in :func:`train_vae`."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae.eval()
+    trained = decoder_parameters(vae)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    vae.post_quant_conv.train()
+    vae.decoder.train()
+    clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint, session_s)
+    losses, step = [], done_steps
+    while clock.running():
+        x, w = augmented_batch(images, masks, rng.integers(0, len(images), batch), g, augment, object_weight)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.55 + 0.45 * np.cos(np.pi * clock.progress()))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        loss = reconstruction_loss(vae.decode(z).sample, x, w, edge_weight)
+        descend(optimizer, loss, losses)
+        step += 1
+        if len(losses) % 50 == 0:
+            log.info("decoder step %d loss %.4f (%.0f of %.0f s)", step, np.mean(losses[-50:]), clock.spent, budget_s)
+        clock.tick(step, losses)
+    seconds = clock.finish(step, losses)
+    for p in trained:
+        p.requires_grad_(False)
+    vae.eval()
+    return session_stats(step - done_steps, seconds, losses)
