@@ -267,3 +267,51 @@ def test_decoder_stage_fine_tunes_the_decoder_alone_and_resumes(tmp_path):
     assert again["decoder"]["steps"] == rec["decoder"]["steps"]  # budget spent: nothing more
     v3 = weights("m3", "vae")
     assert all(torch.equal(v2[k], v3[k]) for k in v2)  # the fine-tuned decoder is loaded from the work folder
+
+
+def test_world_patterns_teach_the_vocabulary_never_a_concept():
+    """add_patterns: share 1 patterns every object with a second colour of its own and never a measured concept's
+    combination; share 0 draws nothing from the generator, so flat-world datasets stay what they were."""
+    import numpy as np
+
+    from fewshot_personalize.kernels.demo import world
+    from fewshot_personalize.kernels.demo.world_patterns import PATTERNS, add_patterns, excluded_combinations
+
+    excluded = excluded_combinations()
+    assert ("ball", "stripes", frozenset(("red", "yellow"))) in excluded and len(excluded) == 5
+    rng = np.random.default_rng(0)
+    patterned = 0
+    for _ in range(300):
+        scene = world.sample_scene(rng, p_two=0.5)
+        patterned += add_patterns(scene, rng, 1.0, excluded)
+        for obj in scene.objects:
+            assert obj.pattern in PATTERNS and obj.colour2 not in (None, obj.colour)
+            assert (obj.cls, obj.pattern, frozenset((obj.colour, obj.colour2))) not in excluded
+        world.render(scene, 32)  # every patterned scene renders
+    assert patterned >= 300
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert add_patterns(world.sample_scene(a), a, 0.0, excluded) == 0
+    world.sample_scene(b)
+    assert a.uniform() == b.uniform()
+
+
+def test_pretraining_patterns_are_a_per_session_setting(tmp_path):
+    """--patterns S renders and encodes the UNet's scenes once more with patterned objects, trains on them, and is
+    recorded per session; the flat world's latents and the VAE are untouched."""
+    import numpy as np
+
+    from fewshot_personalize.kernels.demo.pretrain import pretrain, render_dataset
+
+    flat, _, _ = render_dataset(12, 3)
+    again, _, _ = render_dataset(12, 3, pattern_share=0.0)
+    some, _, _ = render_dataset(12, 3, pattern_share=1.0)
+    assert np.array_equal(flat, again) and not np.array_equal(flat, some)
+
+    first = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    more = first["unet"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=more, patterns=0.5, **TINY)
+    assert [s["patterns"] for s in rec["sessions"]] == [0.0, 0.5]
+    assert rec["unet"]["steps"] > first["unet"]["steps"] and rec["latent_scaling_factor"] == first["latent_scaling_factor"]
+    assert (tmp_path / "w" / "latents_patterns0.5.safetensors").is_file()
+    with pytest.raises(ValueError, match="share of objects"):
+        pretrain(tmp_path / "m", work_dir=tmp_path / "w", patterns=1.5, **TINY)

@@ -1,7 +1,7 @@
 """Pretrain the demo base model on the demo world, on a CPU, from scratch, in one resumable command.
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
-[--vae-minutes M] [--unet-minutes M] [--decoder-minutes M] [--threads T]`` runs five stages:
+[--vae-minutes M] [--unet-minutes M] [--patterns S] [--decoder-minutes M] [--threads T]`` runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
    two objects);
@@ -9,6 +9,8 @@
    of colours outside the world's palette (vae_quality.py);
 3. encode every scene once (latent means), scaled to unit variance;
 4. train the UNet and the text encoder for ``--unet-minutes`` (unet_training.py); the EMA weights are saved;
+   with ``--patterns S`` (per session) its scenes are rendered again with a share S of patterned objects
+   (world_patterns.py) and encoded once more;
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
 
@@ -60,17 +62,22 @@ DECODER_LR, DECODER_BATCH = 5e-4, 8
 log = logging.getLogger(__name__)
 
 
-def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS) -> tuple[np.ndarray, list[str], np.ndarray]:
+def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS,
+                   pattern_share: float = 0.0) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``n`` world scenes (uint8 [n, 64, 64, 3]), their captions and object masks (bool [n, 64, 64]); no
-    hold-out combination appears; a share ``p_two`` has two objects."""
+    hold-out combination appears; a share ``p_two`` has two objects; each object carries a random two-colour
+    pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever)."""
     from .world import render, sample_scene
+    from .world_patterns import add_patterns, excluded_combinations
 
     rng = np.random.default_rng(seed)
+    excluded = excluded_combinations()
     images = np.empty((n, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
     masks = np.empty((n, RESOLUTION, RESOLUTION), dtype=bool)
     captions = []
     for i in range(n):
         scene = sample_scene(rng, holdout=HOLDOUT, p_two=p_two)
+        add_patterns(scene, rng, pattern_share, excluded)
         im, masks[i], _ = render(scene, RESOLUTION)
         images[i] = np.asarray(im)
         captions.append(scene.caption())
@@ -168,15 +175,18 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              n_images: int = N_SCENES, vae_minutes: float = 60, unet_minutes: float = 300, threads: int = 2,
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
-             schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0) -> dict:
+             schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
-    carries the last session's)."""
+    carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
+    scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    if not 0.0 <= patterns <= 1.0:
+        raise ValueError(f"patterns is a share of objects, 0 to 1; got {patterns}")
     torch.set_num_threads(threads)
     settings = {"seed": seed, "n_images": n_images, "p_two_objects": P_TWO_OBJECTS, "resolution": RESOLUTION,
                 "latent_channels": latent_channels or VAE_CONFIG["latent_channels"], "vae_lr": VAE_LR,
@@ -194,7 +204,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                **({"continued_from": str(from_dir)} if seeded else {}),
                "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60,
-               "decoder_budget_s": decoder_minutes * 60, "schedule": schedule}
+               "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
     tok_dir = work.path / "tokenizer"
@@ -249,6 +259,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
+    if patterns > 0 and work.stage("unet")["done_s"] < unet_minutes * 60:
+        latents, captions = _patterned_latents(work, vae, scale, seed, n_images, patterns, session)
 
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
@@ -291,6 +303,24 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         new.rename(out_dir)
     work.save()
     return record
+
+
+def _patterned_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
+                       session: dict) -> tuple[torch.Tensor, list[str]]:
+    """Latents (scaled like the flat world's, same encoder) and captions of ``n_images`` scenes with a pattern
+    share ``share``, rendered and encoded once per share and kept in the work folder."""
+    file = work.path / f"latents_patterns{share:g}.safetensors"
+    if file.is_file():
+        tensors, meta = load_safetensors(file)
+        return tensors["latents"], json.loads(meta["captions"])
+    t0 = time.perf_counter()
+    images, captions, _ = render_dataset(n_images, seed, pattern_share=share)
+    session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
+    latents = (encode_all(vae, images) * scale).contiguous()
+    atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share)},
+                overwrite=True)
+    log.info("rendered and encoded %d scenes with pattern share %g", n_images, share)
+    return latents, captions
 
 
 def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: float, seed: int, n_images: int,
@@ -364,6 +394,9 @@ def main(argv=None) -> None:
     ap.add_argument("--latent-channels", type=int, help="VAE latent channels (default: model.VAE_CONFIG)")
     ap.add_argument("--decoder-minutes", type=float, default=0,
                     help="after the UNet, fine-tune the VAE decoder alone this long (the encoder and latents stay)")
+    ap.add_argument("--patterns", type=float, default=0.0,
+                    help="share of objects with a random two-colour pattern in this session's UNet scenes "
+                         "(default 0: the flat world; recorded per session)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--session-minutes", type=float, default=float("inf"),
                     help="stop this session after M minutes and write --out from the state reached (resumable)")
@@ -376,7 +409,7 @@ def main(argv=None) -> None:
     rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                    session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
-                   decoder_minutes=a.decoder_minutes)
+                   decoder_minutes=a.decoder_minutes, patterns=a.patterns)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 

@@ -7,8 +7,9 @@ background; its caption names exactly what was drawn::
     "a red ball"                                   (plain background: no context phrase)
     "a small blue box and a green kite in the snow"
 
-Base-world objects are one flat colour with shading and never carry a pattern; patterns are what the personal
-concepts (:mod:`.concepts`) are made of, so the base model has never seen them.
+:func:`sample_scene` draws flat-coloured objects with shading; patterns are what the personal concepts
+(:mod:`.concepts`) are made of. The shipped demo model has never seen them; :mod:`.world_patterns` gives base scenes
+random patterns (never a concept's own combination) for a pretraining session that should know them.
 
 Everything is a pure function of its arguments: :func:`sample_scene` draws from the ``numpy`` generator it is
 given, :func:`render` depends on the :class:`Scene` only (the scene carries its own texture seed and every
@@ -65,9 +66,9 @@ CONTEXT_PHRASES: dict[str, str] = {
 }
 #: Rare words kept free for personal concepts ("a sks toy").
 IDENTIFIERS: tuple[str, ...] = ("sks", "xyz", "zwx", "qrt")
-#: Object patterns the renderer knows. ``None`` (flat colour) is the only one the base world samples; the
-#: first four make the personal concepts, "stripes" and "dots" exist only to teach the evaluator that a
-#: multi-coloured object is still one object (they are never used by concepts nor by the base world).
+#: Object patterns the renderer knows. ``None`` (flat colour) is the only one :func:`sample_scene` draws; the
+#: first four make the personal concepts, "stripes" and "dots" teach the evaluator that a multi-coloured object is
+#: still one object; world_patterns.py puts the two-colour ones on base scenes for a pattern-aware pretraining.
 PATTERNS: tuple[str, ...] = ("checker", "twotone", "xmark", "creature", "stripes", "dots")
 _TWO_COLOUR = ("checker", "twotone", "stripes", "dots")
 FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "and")

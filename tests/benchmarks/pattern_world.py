@@ -5,9 +5,9 @@ one (the held-out striped ball of heldout_concept.py) has to be taught from noth
 Real text-to-image models know stripes, dots and checks before anyone personalizes them. This script fine-tunes the
 demo model's UNet and text encoder (from a model folder, v-prediction on zero terminal SNR, as it was pretrained) on
 freshly rendered world scenes in which each object, with probability ``--share``, carries a random two-colour
-pattern of the renderer's (checker, two-tone, stripes, dots; second colour random). Captions do not name patterns.
-Excluded: the exact class + pattern + colour pair of every bundled concept and of the held-out striped ball, so
-no concept is ever shown, only the vocabulary it is made of. The VAE is the folder's, unchanged (its encoder gives
+pattern (kernels/demo/world_patterns.py: checker, two-tone, stripes, dots; captions do not name them; the exact
+class + pattern + colour pair of every bundled concept and of the held-out striped ball excluded, so no concept is
+ever shown, only the vocabulary it is made of). The VAE is the folder's, unchanged (its encoder gives
 the same latent space). Writes a demo-architecture model folder to ``--out`` (outside the repository), which
 ``model_quality --model`` and ``FEWSHOT_DEMO_MODEL=… python tests/benchmarks/heldout_concept.py`` then measure;
 results are recorded in pattern_world.md.
@@ -26,47 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fewshot_personalize.kernels.demo import world
-from fewshot_personalize.kernels.demo.concepts import CONCEPTS
-from fewshot_personalize.kernels.demo.model import HOLDOUT, MODEL_DIR, RESOLUTION, build_scheduler
-from fewshot_personalize.kernels.demo.pretrain import P_TWO_OBJECTS, encode_all
+from fewshot_personalize.kernels.demo.model import MODEL_DIR, build_scheduler
+from fewshot_personalize.kernels.demo.pretrain import encode_all, render_dataset
 from fewshot_personalize.kernels.demo.unet_training import make_optimizer, train_unet
 
-from heldout_concept import HELDOUT
-
 log = logging.getLogger(__name__)
-PATTERNS = ("checker", "twotone", "stripes", "dots")  # the renderer's two-colour patterns
-
-
-def excluded() -> set[tuple]:
-    """(class, pattern, {colours}) of every bundled concept and the held-out one: never rendered here."""
-    return {(c.cls, c.pattern, frozenset((c.colour, c.colour2))) for c in [*CONCEPTS.values(), HELDOUT]}
-
-
-def patterned_scenes(n: int, share: float, seed: int) -> tuple[np.ndarray, list[str], int]:
-    """``n`` rendered scenes (half with two objects, hold-out captions excluded), each object patterned with
-    probability ``share``; returns the images, their captions (patterns unnamed) and the patterned-object count."""
-    rng = np.random.default_rng(seed)
-    skip = excluded()
-    images, captions, count = np.empty((n, RESOLUTION, RESOLUTION, 3), np.uint8), [], 0
-    for i in range(n):
-        scene = world.sample_scene(rng, holdout=HOLDOUT, p_two=P_TWO_OBJECTS)
-        for obj in scene.objects:
-            if rng.uniform() >= share:
-                continue
-            for _ in range(10):
-                pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-                colour2 = world.COLOURS[int(rng.integers(len(world.COLOURS)))]
-                if colour2 != obj.colour and (obj.cls, pattern, frozenset((obj.colour, colour2))) not in skip:
-                    obj.pattern, obj.colour2 = pattern, colour2
-                    count += 1
-                    break
-        images[i] = np.asarray(world.render(scene, RESOLUTION)[0])
-        captions.append(scene.caption())
-    return images, captions, count
 
 
 def main(argv=None) -> None:
@@ -86,8 +52,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    images, captions, count = patterned_scenes(a.scenes, a.share, seed=4242)
-    log.info("rendered %d scenes, %d patterned objects, in %.0f s", a.scenes, count, time.perf_counter() - t0)
+    images, captions, _ = render_dataset(a.scenes, 4242, pattern_share=a.share)
+    log.info("rendered %d scenes in %.0f s", a.scenes, time.perf_counter() - t0)
     pipe = StableDiffusionPipeline.from_pretrained(str(a.model), use_safetensors=True, safety_checker=None,
                                                    requires_safety_checker=False)
     vae: AutoencoderKL = pipe.vae.eval()
@@ -110,7 +76,7 @@ def main(argv=None) -> None:
     shutil.copy(a.model / "pretrain_log.json", a.out / "pretrain_log.json")
     (a.out / "pattern_world.json").write_text(json.dumps(
         {"from": str(a.model), "share": a.share, "minutes": a.minutes, "lr": a.lr, "scenes": a.scenes,
-         "patterned_objects": count, "threads": a.threads, "torch": torch.__version__, **stats}, indent=1))
+         "threads": a.threads, "torch": torch.__version__, **stats}, indent=1))
     log.info("%d steps → %s", stats["steps"], a.out)
 
 

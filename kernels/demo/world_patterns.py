@@ -1,0 +1,46 @@
+"""Patterns in the base world: objects that carry a random two-colour pattern, so that a base model knows what
+stripes, checks, dots and two-tone objects are before anyone personalizes it (as real text-to-image models do).
+
+Captions do not name patterns. What no base scene ever shows is the exact class + pattern + colour pair of a
+personal concept: the bundled ones (concepts.py) and the held-out striped ball of
+tests/benchmarks/heldout_concept.py, so a concept is still something to learn, only its vocabulary is known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .concepts import CONCEPTS
+from .world import COLOURS, Scene
+
+#: the renderer's two-colour patterns (world.PATTERNS less the shape-bound "xmark" and "creature")
+PATTERNS: tuple[str, ...] = ("checker", "twotone", "stripes", "dots")
+
+
+def excluded_combinations() -> set[tuple[str, str | None, frozenset]]:
+    """(class, pattern, {colour, colour2}) of every personal concept the project measures: never in a base scene."""
+    combos = {(c.cls, c.pattern, frozenset((c.colour, c.colour2))) for c in CONCEPTS.values()}
+    combos.add(("ball", "stripes", frozenset(("red", "yellow"))))  # heldout_concept.py's striped ball
+    return combos
+
+
+def add_patterns(scene: Scene, rng: np.random.Generator, share: float,
+                 excluded: set[tuple[str, str | None, frozenset]]) -> int:
+    """Give each object of ``scene``, with probability ``share``, a random pattern of :data:`PATTERNS` and a random
+    second colour (not its own; not an ``excluded`` combination: up to 10 draws, else it stays flat). Draws
+    nothing from ``rng`` when ``share`` is 0, so flat-world datasets stay identical. Returns how many were
+    patterned."""
+    if share <= 0:
+        return 0
+    count = 0
+    for obj in scene.objects:
+        if rng.uniform() >= share:
+            continue
+        for _ in range(10):
+            pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            colour2 = COLOURS[int(rng.integers(len(COLOURS)))]
+            if colour2 != obj.colour and (obj.cls, pattern, frozenset((obj.colour, colour2))) not in excluded:
+                obj.pattern, obj.colour2 = pattern, colour2
+                count += 1
+                break
+    return count
