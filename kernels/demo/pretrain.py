@@ -34,7 +34,6 @@ start afresh.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -51,7 +50,7 @@ from ..core.atomic_write import atomic_write_text
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
 from .model import DEFAULT_SCHEDULE, HOLDOUT, MODEL_DIR, RESOLUTION, SCHEDULES, VAE_CONFIG, build_untrained
-from .unet_training import make_optimizer, train_unet
+from .unet_training import caption_ids, make_optimizer, train_unet, with_ema
 from .vae_training import decoder_parameters, pixel_error, to_pixels, train_decoder, train_vae
 
 N_SCENES = 32000
@@ -262,15 +261,13 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     if patterns > 0 and work.stage("unet")["done_s"] < unet_minutes * 60:
         latents, captions = _patterned_latents(work, vae, scale, seed, n_images, patterns, session)
 
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
-        p.requires_grad_(False)
-    nets = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+    nets = with_ema(unet, text)
+    ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
     work.load_state("unet", nets, opt)
     stage = work.stage("unet")
-    ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids[:-1], ids[-1], budget_s=unet_minutes * 60,
+    ids, empty_ids = caption_ids(tokenizer, captions)
+    train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids, empty_ids, budget_s=unet_minutes * 60,
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),
                batch=UNET_BATCH, cooldown=cooldown, checkpoint_every_s=checkpoint_every_s,
                on_checkpoint=_checkpointer(work, "unet", nets, opt, session),

@@ -10,6 +10,7 @@ budget is).
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -28,6 +29,20 @@ def lr_factor(step: int, progress: float, warmup: int, cooldown: float) -> float
     if cooldown > 0:
         factor *= min(1.0, max(0.0, 1.0 - progress) / cooldown)
     return factor
+
+
+def with_ema(unet, text) -> dict[str, torch.nn.Module]:
+    """The ``nets`` of :func:`train_unet`: the networks and frozen EMA copies of them (started equal)."""
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
+        p.requires_grad_(False)
+    return {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text}
+
+
+def caption_ids(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of ``captions`` ([N, 77]) and of the empty caption ([77]) that :func:`train_unet` drops to."""
+    ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return ids[:-1], ids[-1]
 
 
 def make_optimizer(unet, text, lr: float = 5e-4, text_lr: float = 2e-4) -> torch.optim.Optimizer:

@@ -70,7 +70,8 @@ IDENTIFIERS: tuple[str, ...] = ("sks", "xyz", "zwx", "qrt")
 #: first four make the personal concepts, "stripes" and "dots" teach the evaluator that a multi-coloured object is
 #: still one object; world_patterns.py puts the two-colour ones on base scenes for a pattern-aware pretraining.
 PATTERNS: tuple[str, ...] = ("checker", "twotone", "xmark", "creature", "stripes", "dots")
-_TWO_COLOUR = ("checker", "twotone", "stripes", "dots")
+#: the patterns drawn with a second colour (``colour2``)
+TWO_COLOUR_PATTERNS: tuple[str, ...] = ("checker", "twotone", "stripes", "dots")
 FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "and")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -140,7 +141,7 @@ class Obj:
             raise ValueError(f"unknown size {self.size!r}; expected one of {SIZES}")
         if self.pattern is not None and self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; expected None or one of {PATTERNS}")
-        if self.pattern in _TWO_COLOUR and self.colour2 is None:
+        if self.pattern in TWO_COLOUR_PATTERNS and self.colour2 is None:
             raise ValueError(f"pattern {self.pattern!r} needs a second colour (colour2)")
 
     @property
@@ -389,7 +390,7 @@ def _pattern_field(obj: Obj, n: int, window: tuple[int, int, int, int]) -> np.nd
     x0, y0, x1, y1 = window
     c1 = np.asarray(PALETTE[obj.colour], np.float32) / 255
     out = np.broadcast_to(c1, (y1 - y0, x1 - x0, 3)).copy()
-    if obj.pattern not in _TWO_COLOUR:
+    if obj.pattern not in TWO_COLOUR_PATTERNS:
         return out
     c2 = np.asarray(PALETTE[obj.colour2], np.float32) / 255  # type: ignore[index]
     s = obj.extent

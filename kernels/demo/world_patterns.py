@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from .concepts import CONCEPTS
-from .world import COLOURS, Scene
+from .world import COLOURS, TWO_COLOUR_PATTERNS, Scene
 
 #: the renderer's two-colour patterns (world.PATTERNS less the shape-bound "xmark" and "creature")
-PATTERNS: tuple[str, ...] = ("checker", "twotone", "stripes", "dots")
+PATTERNS: tuple[str, ...] = TWO_COLOUR_PATTERNS
 
 
 def excluded_combinations() -> set[tuple[str, str | None, frozenset]]:

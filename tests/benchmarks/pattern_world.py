@@ -19,7 +19,6 @@ results are recorded in pattern_world.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import shutil
@@ -30,7 +29,7 @@ import torch
 
 from fewshot_personalize.kernels.demo.model import MODEL_DIR, build_scheduler
 from fewshot_personalize.kernels.demo.pretrain import encode_all, render_dataset
-from fewshot_personalize.kernels.demo.unet_training import make_optimizer, train_unet
+from fewshot_personalize.kernels.demo.unet_training import caption_ids, make_optimizer, train_unet, with_ema
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +58,15 @@ def main(argv=None) -> None:
     vae: AutoencoderKL = pipe.vae.eval()
     latents = (encode_all(vae, images) * vae.config.scaling_factor).contiguous()
     del images
-    unet, text = pipe.unet, pipe.text_encoder
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    for p in [*ema_unet.parameters(), *ema_text.parameters()]:
-        p.requires_grad_(False)
+    nets = with_ema(pipe.unet, pipe.text_encoder)
     text_lr = a.lr * 0.4  # the pretraining's UNet : text ratio (5e-4 : 2e-4)
-    ids = pipe.tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+    ids, empty_ids = caption_ids(pipe.tokenizer, captions)
     schedule = build_scheduler("v-zero-snr")
-    stats = train_unet({"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text},
-                       make_optimizer(unet, text, a.lr, text_lr), schedule.alphas_cumprod, latents, ids[:-1], ids[-1],
-                       budget_s=a.minutes * 60, done_s=0, done_steps=1000, seed=77, base_lrs=(a.lr, text_lr),
-                       cooldown=0.3, prediction_type="v_prediction")  # done_steps: past the warm-up of a fresh run
-    pipe.unet, pipe.text_encoder = ema_unet, ema_text
+    stats = train_unet(nets, make_optimizer(pipe.unet, pipe.text_encoder, a.lr, text_lr), schedule.alphas_cumprod,
+                       latents, ids, empty_ids, budget_s=a.minutes * 60, done_s=0, done_steps=1000, seed=77,
+                       base_lrs=(a.lr, text_lr), cooldown=0.3,
+                       prediction_type="v_prediction")  # done_steps: past the warm-up of a fresh run
+    pipe.unet, pipe.text_encoder = nets["ema_unet"], nets["ema_text"]
     pipe.save_pretrained(str(a.out), safe_serialization=True)
     shutil.copy(a.model / "pretrain_log.json", a.out / "pretrain_log.json")
     (a.out / "pattern_world.json").write_text(json.dumps(
