@@ -14,7 +14,10 @@ nothing. Here none of those networks exist, so the same roles are played by
   masked CLIP-I), scaled to a canonical size, and described by mask-pooled :class:`EvalNet` features plus
   masked colour statistics (histogram, 3×3 colour layout, and the colour transitions inside the object),
   which is what tells a checker pattern, a two-tone colouring or a painted mark apart from a flat-coloured
-  object of the same class.
+  object of the same class — but not one layout of the same two colours from another (stripes, a checker and
+  blotches of red and yellow meet in the same colour pairs);
+* pattern fidelity, which asks exactly that: the layout of the object's colour edges (parallel bands, a grid,
+  spots, none), rotation-invariant, from the colour structure tensor (pattern_geometry.py).
 
 Weights ship at ``weights/evaluator.safetensors`` (loaded with safetensors only, metadata records seed, steps,
 time and validation accuracy); :func:`train_evaluator` rebuilds them in about 6–7 minutes on one CPU thread.
@@ -42,6 +45,7 @@ from torch import nn
 
 from ..core.atomic_write import atomic_write
 from . import world
+from .pattern_geometry import pattern_geometry
 from .world import CLASSES, COLOURS, CONTEXTS, SIZES
 
 log = logging.getLogger(__name__)
@@ -442,24 +446,28 @@ class Evaluator:
 
     # ------------------------------------------------------------------ subject similarity
     @torch.no_grad()
+    def _subject_masks(self, x: torch.Tensor, masks=None, cls: str | None = None) -> torch.Tensor:
+        """[B, 64, 64] bool: ``masks`` when given; else the predicted foreground, restricted to blobs recognised
+        as ``cls`` when that is given and found."""
+        if masks is not None:
+            return _to_masks(masks, x.shape[0])
+        if cls is None:
+            return self.foreground(x)
+        if cls not in CLASSES:
+            raise ValueError(f"unknown class {cls!r}; expected one of {CLASSES}")
+        m = torch.zeros(x.shape[0], RES, RES, dtype=torch.bool)
+        for i, rec in enumerate(self.recognise(x)):
+            blobs = [o["mask"] for o in rec["objects"] if o["cls"] == cls] or [o["mask"] for o in rec["objects"]]
+            if blobs:
+                m[i] = torch.from_numpy(np.logical_or.reduce(blobs))
+        return m
+
     def embed(self, images, masks=None, cls: str | None = None) -> torch.Tensor:
         """Subject descriptors [B, D], unit length, so that similarity = dot product (the DINO / masked CLIP-I
         embedding's role). ``masks``: the object masks (e.g. the references'); by default the predicted
         foreground, restricted to blobs recognised as ``cls`` when that is given and found."""
         x = to_batch(images)
-        if masks is not None:
-            m = _to_masks(masks, x.shape[0])
-        elif cls is not None:
-            if cls not in CLASSES:
-                raise ValueError(f"unknown class {cls!r}; expected one of {CLASSES}")
-            recs = self.recognise(x)
-            m = torch.zeros(x.shape[0], RES, RES, dtype=torch.bool)
-            for i, rec in enumerate(recs):
-                blobs = [o["mask"] for o in rec["objects"] if o["cls"] == cls] or [o["mask"] for o in rec["objects"]]
-                if blobs:
-                    m[i] = torch.from_numpy(np.logical_or.reduce(blobs))
-        else:
-            m = self.foreground(x)
+        m = self._subject_masks(x, masks, cls)
         xs, ms = _normalise_crop(x, m, CROP)
         p32, p16, _ = self.net.pool(self._run(xs), ms)
         xn, mn = _normalise_crop(x, m)
@@ -486,6 +494,24 @@ class Evaluator:
         ``ref_masks``: the references' object masks (predicted when omitted); ``cls``: compare only the
         generated blobs of that class (prompts with several objects)."""
         return float(self.similarity(images, references, None, ref_masks, cls).mean())
+
+    def pattern_embed(self, images, masks=None, cls: str | None = None) -> torch.Tensor:
+        """Pattern-geometry descriptors [B, D] (pattern_geometry.py: stripes, grid, spots or flat, whatever the
+        colours), of the object cut out as :meth:`embed` cuts it; zero where nothing is found."""
+        x = to_batch(images)
+        xn, mn = _normalise_crop(x, self._subject_masks(x, masks, cls))
+        emb = pattern_geometry(xn, mn.to(torch.float32).unsqueeze(1))
+        emb[mn.flatten(1).sum(1) == 0] = 0.0
+        return emb
+
+    def pattern_fidelity(self, images, references, ref_masks=None, cls: str | None = None) -> float:
+        """Mean pairwise pattern-geometry similarity in [0, 1] between the objects in ``images`` and the subject
+        in ``references`` (masks and ``cls`` as in :meth:`subject_fidelity`). Subject fidelity credits the
+        colours that meet inside an object; this asks whether they are laid out alike: red/yellow blotches score
+        high on subject fidelity against red/yellow stripes and low here."""
+        a = self.pattern_embed(images, None, cls)
+        b = self.pattern_embed(references, ref_masks)
+        return float((a @ b.T).clamp(0, 1).mean())
 
     def prior_preservation(self, class_images, references, ref_masks=None) -> float:
         """PRES analogue (DreamBooth §4.3): subject fidelity of images generated from the bare class prompt
@@ -516,6 +542,7 @@ class Evaluator:
         cls = expected["objects"][idx]["cls"] if idx is not None else None
         if references is not None:
             out["subject_fidelity"] = self.subject_fidelity(x, references, ref_masks, cls)
+            out["pattern_fidelity"] = self.pattern_fidelity(x, references, ref_masks, cls)
         if x.shape[0] >= 2:
             out["diversity"] = self.diversity(x)
         return out

@@ -197,6 +197,7 @@ def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2,
     class_imgs = sample(pipe, f"a {c.cls}", 4, seed * 1000 + 999, adapters)
     return {
         "subject_fidelity": float(np.mean([m["subject_fidelity"] for m in per_prompt])),
+        "pattern_fidelity": float(np.mean([m["pattern_fidelity"] for m in per_prompt])),
         "prompt_fidelity": float(np.mean([m["prompt_fidelity"] for m in per_prompt])),
         "diversity": float(np.mean([m["diversity"] for m in per_prompt if "diversity" in m])),
         "class_prior_drift": evaluator.prior_preservation(class_imgs, ref_imgs, ref_masks),
@@ -212,14 +213,16 @@ def reference_score(evaluator, concept: str, seed: int, pipe=None) -> dict:
     refs = reference_images(c, seed=seed)
     ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
     views = ["ideal"] + (["through_vae"] if pipe is not None else [])
-    sf, pf = {v: [] for v in views}, {v: [] for v in views}
+    metrics = ("subject_fidelity", "pattern_fidelity", "prompt_fidelity")
+    got = {v: {k: [] for k in metrics} for v in views}
     for k, spec in enumerate(prompt_specs(c)):
         renders = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(2)]
         for v in views:
             imgs = renders if v == "ideal" else round_trip(pipe.vae, renders)
-            sf[v].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
-            pf[v].append(evaluator.prompt_fidelity(imgs, spec.expected(c.cls)))
-    scores = {v: {"subject_fidelity": float(np.mean(sf[v])), "prompt_fidelity": float(np.mean(pf[v]))} for v in views}
+            got[v]["subject_fidelity"].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+            got[v]["pattern_fidelity"].append(evaluator.pattern_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+            got[v]["prompt_fidelity"].append(evaluator.prompt_fidelity(imgs, spec.expected(c.cls)))
+    scores = {v: {k: float(np.mean(got[v][k])) for k in metrics} for v in views}
     return scores.pop("ideal") | scores
 
 
