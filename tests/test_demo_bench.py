@@ -34,6 +34,18 @@ def test_summary_rows_and_target_ratios():
     assert THROUGH_VAE not in summarise(runs, refs)  # older records without the VAE ceiling
 
 
+def test_pattern_fidelity_is_summarised_where_every_run_has_it():
+    """Runs recorded before pattern fidelity existed keep a dash in its column; newer ones get mean ± std."""
+    runs = [_run(BASE, 0.4), _run(PRIOR, 0.6) | {"pattern_fidelity": 0.2}, _run(PRIOR, 0.6) | {"pattern_fidelity": 0.4}]
+    s = summarise(runs, [{"subject_fidelity": 0.95, "prompt_fidelity": 1.0, "pattern_fidelity": 0.9}])
+    assert "pattern_fidelity" not in s[BASE] and s[PRIOR]["pattern_fidelity"] == pytest.approx((0.3, 0.1))
+    table = markdown({"summary": s, "concepts": ["a"], "seeds": 2, "machine": "m", "torch": "t", "date": "d",
+                      "seconds": 60})
+    assert f"| {BASE} | 0.400 ± 0.000 | — | 0.600 ± 0.000 |" in table
+    assert f"| {PRIOR} | 0.600 ± 0.000 | 0.300 ± 0.100 |" in table
+    assert f"| {REFERENCES} | 0.950 ± 0.000 | 0.900 ± 0.000 | 1.000 ± 0.000 |" in table
+
+
 def test_lr_factor_warms_up_holds_and_cools_down_to_zero():
     assert lr_factor(0, 0.0, warmup=100, cooldown=0.0) == pytest.approx(0.01)
     assert lr_factor(500, 0.9, warmup=100, cooldown=0.0) == 1.0  # no cooldown: constant after warm-up

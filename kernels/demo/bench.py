@@ -23,7 +23,8 @@ from .experiment import DEFAULT_METHOD, METHODS, demo_pipeline, personalize, ref
 from .model_quality import ATTRIBUTES, measure_model_quality
 
 log = logging.getLogger(__name__)
-METRICS = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity", "train_seconds")
+METRICS = ("subject_fidelity", "pattern_fidelity", "prompt_fidelity", "class_prior_drift", "diversity", "train_seconds")
+CEILING = ("subject_fidelity", "pattern_fidelity", "prompt_fidelity")
 
 
 def run_bench(out: Path, seeds: int = 3, concepts: list[str] | None = None, methods=METHODS,
@@ -98,7 +99,9 @@ REFERENCES, THROUGH_VAE = "references (ceiling)", "references through the model'
 
 
 def _mean_std(rows: list[dict], keys) -> dict[str, tuple[float, float]]:
-    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+    """Mean and std of each key that every row has (records older than a metric lack it)."""
+    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys
+            if all(k in r for r in rows)}
 
 
 def summarise(runs: list[dict], refs: list[dict], vae_refs: list[dict] | None = None) -> dict:
@@ -106,7 +109,7 @@ def summarise(runs: list[dict], refs: list[dict], vae_refs: list[dict] | None = 
            for name in dict.fromkeys(r["method"] for r in runs)}
     for name, rows in ((REFERENCES, refs), (THROUGH_VAE, vae_refs or [])):
         if rows:
-            out[name] = _mean_std(rows, ("subject_fidelity", "prompt_fidelity"))
+            out[name] = _mean_std(rows, CEILING)
     return out
 
 
@@ -116,10 +119,11 @@ def markdown(record: dict) -> str:
              f"{record['seeds']} seed(s) per row; mean ± std over concept×seed runs. {record['machine']}, torch "
              f"{record['torch']}, {record['date']}, {record['seconds'] / 60:.0f} min in all.",
              "",
-             "| method | subject fidelity ↑ | prompt fidelity ↑ | class-prior drift ↓ | diversity ↑ | train s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | subject fidelity ↑ | pattern fidelity ↑ | prompt fidelity ↑ | class-prior drift ↓ | "
+             "diversity ↑ | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in s.items():
-        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "—" for k in METRICS[:4]]
+        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "—" for k in METRICS[:5]]
         cells.append(f"{m['train_seconds'][0]:.0f}" if "train_seconds" in m else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (DreamBooth-LoRA with prior preservation, UNet + text encoder):"]
@@ -177,7 +181,7 @@ def chart(summary: dict):
 
     from ..core.plots import _font
 
-    metrics = ("subject_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
+    metrics = METRICS[:5]
     names = list(summary)
     w, left, bottom = 900, 40, 30 + 14 * len(names)  # room below the axis for one legend line per row
     h = 260 + bottom
