@@ -77,8 +77,11 @@ def test_concept_ceiling_is_one_for_a_perfect_vae_and_lower_for_a_blurring_one(e
     perfect = concept_ceiling(ev, FakeVAE(), "checker_toy", images_per_prompt=1)
     assert perfect["one_object"]["ratio"] == pytest.approx(1.0, abs=1e-3)
     assert perfect["two_object"]["ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert perfect["one_object"]["pattern"]["ratio"] == pytest.approx(1.0, abs=1e-3)
     blurred = concept_ceiling(ev, FakeVAE(_blur), "checker_toy", images_per_prompt=1)
     assert blurred["one_object"]["ratio"] < 0.95 and blurred["two_object"]["ratio"] < 0.95
+    # a blur smears the checker's edges: the layout is lost faster than the colours
+    assert blurred["one_object"]["pattern"]["ratio"] < blurred["one_object"]["ratio"]
 
 
 def test_time_budget_checkpoints_and_stops():

@@ -242,8 +242,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
             from .vae_quality import vae_report
 
             stage["quality"] = vae_report(Evaluator.load(), vae)
-            log.info("vae keeps ≥ %.0f %% of every concept's subject fidelity; off-palette colour error %.1f %%",
-                     100 * stage["quality"]["min_ratio"], 100 * stage["quality"]["colour"]["mean_error_per_channel"])
+            log.info("vae keeps ≥ %.0f %% of every concept's subject fidelity, ≥ %.0f %% of its pattern fidelity; "
+                     "off-palette colour error %.1f %%", 100 * stage["quality"]["min_ratio"],
+                     100 * stage["quality"]["min_pattern_ratio"], 100 * stage["quality"]["colour"]["mean_error_per_channel"])
         mean = encode_all(vae, images)
         scale = float(1.0 / mean.std())
         latents = (mean * scale).contiguous()
@@ -349,9 +350,9 @@ def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: fl
         from .vae_quality import vae_report
 
         stage["quality"] = vae_report(Evaluator.load(), vae)
-        log.info("after the decoder fine-tune the vae keeps ≥ %.0f %% of every concept's subject fidelity; "
-                 "off-palette colour error %.1f %%", 100 * stage["quality"]["min_ratio"],
-                 100 * stage["quality"]["colour"]["mean_error_per_channel"])
+        log.info("after the decoder fine-tune the vae keeps ≥ %.0f %% of every concept's subject fidelity, ≥ %.0f %% "
+                 "of its pattern fidelity; off-palette colour error %.1f %%", 100 * stage["quality"]["min_ratio"],
+                 100 * stage["quality"]["min_pattern_ratio"], 100 * stage["quality"]["colour"]["mean_error_per_channel"])
     work.save()
 
 

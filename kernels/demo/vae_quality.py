@@ -91,22 +91,26 @@ def colour_round_trip(vae, n: int = 96, seed: int = 0) -> dict:
 
 def concept_ceiling(evaluator, vae, concept: str, seeds: int = 1, images_per_prompt: int = 2) -> dict:
     """Subject fidelity of a concept's ideal renders (every held-out prompt) and of the same renders after a VAE
-    round trip, for one-object and two-object prompts; ``ratio`` = through the VAE / ideal (issue 13: ≥ 0.9)."""
+    round trip, for one-object and two-object prompts; ``ratio`` = through the VAE / ideal (issue 13: ≥ 0.9).
+    ``pattern``: the same for pattern fidelity (is the layout of the concept's colours still there)."""
     c = get_concept(concept)
-    sf: dict[str, dict[str, list[float]]] = {k: {"ideal": [], "vae": []} for k in ("one_object", "two_object")}
+    groups = ("one_object", "two_object")
+    got = {k: {m: {"ideal": [], "vae": []} for m in ("subject", "pattern")} for k in groups}
     for seed in range(seeds):
         refs = reference_images(c, seed=seed)
         ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
         for k, spec in enumerate(prompt_specs(c)):
             renders = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(images_per_prompt)]
-            group = sf["two_object" if spec.others else "one_object"]
-            group["ideal"].append(evaluator.subject_fidelity(renders, ref_imgs, ref_masks, c.cls))
-            group["vae"].append(evaluator.subject_fidelity(round_trip(vae, renders), ref_imgs, ref_masks, c.cls))
-    out = {}
-    for k, v in sf.items():
+            group = got["two_object" if spec.others else "one_object"]
+            for view, imgs in (("ideal", renders), ("vae", round_trip(vae, renders))):
+                group["subject"][view].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+                group["pattern"][view].append(evaluator.pattern_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+
+    def kept(v: dict) -> dict:
         ideal, through = float(np.mean(v["ideal"])), float(np.mean(v["vae"]))
-        out[k] = {"ideal": ideal, "through_vae": through, "ratio": through / ideal}
-    return out
+        return {"ideal": ideal, "through_vae": through, "ratio": through / max(ideal, 1e-8)}
+
+    return {k: kept(got[k]["subject"]) | {"pattern": kept(got[k]["pattern"])} for k in groups}
 
 
 def vae_report(evaluator, vae, concepts=None, seeds: int = 1) -> dict:
@@ -115,6 +119,7 @@ def vae_report(evaluator, vae, concepts=None, seeds: int = 1) -> dict:
     ceilings = {c: concept_ceiling(evaluator, vae, c, seeds) for c in concepts}
     return {"concepts": ceilings,
             "min_ratio": min(v[k]["ratio"] for v in ceilings.values() for k in v),
+            "min_pattern_ratio": min(v[k]["pattern"]["ratio"] for v in ceilings.values() for k in v),
             "colour": colour_round_trip(vae)}
 
 

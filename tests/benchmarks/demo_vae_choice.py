@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     report["train"] = {"steps": stats["steps"], "seconds": stats["seconds"], "date": time.strftime("%Y-%m-%d"),
                        **{k: getattr(a, k) for k in ("channels", "groups", "widths", "init", "lr", "images", "threads")}}
     (out / f"vae_{a.name}.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({"min_ratio": report["min_ratio"], "colour": report["colour"]["mean_error_per_channel"],
+    print(json.dumps({"min_ratio": report["min_ratio"], "min_pattern_ratio": report["min_pattern_ratio"], "colour": report["colour"]["mean_error_per_channel"],
                       "steps": stats["steps"]}))
 
 
