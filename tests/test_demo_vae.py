@@ -106,3 +106,10 @@ def test_a_session_past_its_minutes_still_makes_one_step():
     clock.tick(1, [0.5])
     assert not clock.running()
     assert not TimeBudget(budget_s=10, done_s=10, session_s=0.0).running()
+
+
+def test_round_trip_grid_shows_renders_above_their_round_trip():
+    from fewshot_personalize.kernels.demo.vae_quality import round_trip_grid
+
+    grid = round_trip_grid(FakeVAE(_blur), ["checker_toy", "marked_box"], n=3, cell=32)
+    assert grid.size[0] >= 3 * 32 and grid.size[1] >= 4 * 32

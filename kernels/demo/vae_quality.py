@@ -123,6 +123,19 @@ def vae_report(evaluator, vae, concepts=None, seeds: int = 1) -> dict:
             "colour": colour_round_trip(vae)}
 
 
+def round_trip_grid(vae, concepts=None, n: int = 6, cell: int = 128):
+    """A picture to look at: for each concept, ``n`` ideal renders of its held-out prompts and the same after a
+    round trip through ``vae``, row under row."""
+    from ..core.plots import image_grid
+
+    rows, labels = [], []
+    for c in concepts or CONCEPTS:
+        renders = [render_prompt(c, spec, seed=k)[0] for k, spec in enumerate(prompt_specs(c)[:n])]
+        rows += [renders, round_trip(vae, renders)]
+        labels += [f"{c}: ideal", f"{c}: through the VAE"]
+    return image_grid(rows, labels, None, cell=cell)
+
+
 def main(argv=None) -> None:
     """``python -m fewshot_personalize.kernels.demo.vae_quality VAE_FOLDER``: print :func:`vae_report` as JSON."""
     import argparse
@@ -135,8 +148,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="What a VAE keeps of the demo concepts and of off-palette colours.")
     ap.add_argument("vae", help="a diffusers AutoencoderKL folder (e.g. kernels/demo/weights/model/vae)")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--grid", help="also write this PNG: each concept's renders and their round trip")
     a = ap.parse_args(argv)
-    print(json.dumps(vae_report(Evaluator.load(), AutoencoderKL.from_pretrained(a.vae, use_safetensors=True).eval(), seeds=a.seeds), indent=1))
+    vae = AutoencoderKL.from_pretrained(a.vae, use_safetensors=True).eval()
+    print(json.dumps(vae_report(Evaluator.load(), vae, seeds=a.seeds), indent=1))
+    if a.grid:
+        round_trip_grid(vae).save(a.grid)
 
 
 if __name__ == "__main__":
