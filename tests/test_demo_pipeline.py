@@ -295,6 +295,30 @@ def test_world_patterns_teach_the_vocabulary_never_a_concept():
     assert a.uniform() == b.uniform()
 
 
+def test_shape_bound_patterns_go_on_their_class_only_and_never_make_a_concept():
+    """With every pattern allowed, a creature face lands only on toys and an X only on boxes, without a second
+    colour, and never in the creature toy's purple or the marked box's orange; two-colour ones as before."""
+    import numpy as np
+
+    from fewshot_personalize.kernels.demo import world
+    from fewshot_personalize.kernels.demo.world_patterns import (ALL_PATTERNS, SHAPE_PATTERNS, add_patterns,
+                                                                 excluded_combinations)
+
+    excluded = excluded_combinations()
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(400):
+        scene = world.sample_scene(rng)
+        add_patterns(scene, rng, 1.0, excluded, ALL_PATTERNS)
+        for obj in scene.objects:
+            seen.add(obj.pattern)
+            if obj.pattern in SHAPE_PATTERNS:
+                assert obj.cls == SHAPE_PATTERNS[obj.pattern] and obj.colour2 is None
+            assert (obj.cls, obj.pattern, frozenset((obj.colour, obj.colour2))) not in excluded
+            world.render(scene, 32)  # every drawn combination renders
+    assert set(ALL_PATTERNS) <= seen
+
+
 def test_pretraining_patterns_are_a_per_session_setting(tmp_path):
     """--patterns S renders and encodes the UNet's scenes once more with patterned objects, trains on them, and is
     recorded per session; the flat world's latents and the VAE are untouched."""

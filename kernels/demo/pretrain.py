@@ -61,13 +61,14 @@ DECODER_LR, DECODER_BATCH = 5e-4, 8
 log = logging.getLogger(__name__)
 
 
-def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS,
-                   pattern_share: float = 0.0) -> tuple[np.ndarray, list[str], np.ndarray]:
+def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_share: float = 0.0,
+                   patterns: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``n`` world scenes (uint8 [n, 64, 64, 3]), their captions and object masks (bool [n, 64, 64]); no
     hold-out combination appears; a share ``p_two`` has two objects; each object carries a random two-colour
-    pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever)."""
+    pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever),
+    drawn from ``patterns`` (default world_patterns.PATTERNS, the two-colour ones)."""
     from .world import render, sample_scene
-    from .world_patterns import add_patterns, excluded_combinations
+    from .world_patterns import PATTERNS, add_patterns, excluded_combinations
 
     rng = np.random.default_rng(seed)
     excluded = excluded_combinations()
@@ -76,7 +77,7 @@ def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS,
     captions = []
     for i in range(n):
         scene = sample_scene(rng, holdout=HOLDOUT, p_two=p_two)
-        add_patterns(scene, rng, pattern_share, excluded)
+        add_patterns(scene, rng, pattern_share, excluded, patterns or PATTERNS)
         im, masks[i], _ = render(scene, RESOLUTION)
         images[i] = np.asarray(im)
         captions.append(scene.caption())

@@ -15,6 +15,9 @@ from .world import COLOURS, TWO_COLOUR_PATTERNS, Scene
 
 #: the renderer's two-colour patterns (world.PATTERNS less the shape-bound "xmark" and "creature")
 PATTERNS: tuple[str, ...] = TWO_COLOUR_PATTERNS
+#: the shape-bound patterns and the one class each is drawn on (a face and ears on a toy, a painted X on a box)
+SHAPE_PATTERNS: dict[str, str] = {"creature": "toy", "xmark": "box"}
+ALL_PATTERNS: tuple[str, ...] = PATTERNS + tuple(SHAPE_PATTERNS)
 
 
 def excluded_combinations() -> set[tuple[str, str | None, frozenset]]:
@@ -25,11 +28,11 @@ def excluded_combinations() -> set[tuple[str, str | None, frozenset]]:
 
 
 def add_patterns(scene: Scene, rng: np.random.Generator, share: float,
-                 excluded: set[tuple[str, str | None, frozenset]]) -> int:
-    """Give each object of ``scene``, with probability ``share``, a random pattern of :data:`PATTERNS` and a random
-    second colour (not its own; not an ``excluded`` combination: up to 10 draws, else it stays flat). Draws
-    nothing from ``rng`` when ``share`` is 0, so flat-world datasets stay identical. Returns how many were
-    patterned."""
+                 excluded: set[tuple[str, str | None, frozenset]], patterns: tuple[str, ...] = PATTERNS) -> int:
+    """Give each object of ``scene``, with probability ``share``, a random pattern of ``patterns`` and a random
+    second colour (not its own; not an ``excluded`` combination: up to 10 draws, else it stays flat); a
+    shape-bound pattern (:data:`SHAPE_PATTERNS`) only on its class and without a second colour. Draws nothing from
+    ``rng`` when ``share`` is 0, so flat-world datasets stay identical. Returns how many were patterned."""
     if share <= 0:
         return 0
     count = 0
@@ -37,8 +40,12 @@ def add_patterns(scene: Scene, rng: np.random.Generator, share: float,
         if rng.uniform() >= share:
             continue
         for _ in range(10):
-            pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            pattern = patterns[int(rng.integers(len(patterns)))]
             colour2 = COLOURS[int(rng.integers(len(COLOURS)))]
+            if pattern in SHAPE_PATTERNS:
+                if SHAPE_PATTERNS[pattern] != obj.cls:
+                    continue
+                colour2 = None
             if colour2 != obj.colour and (obj.cls, pattern, frozenset((obj.colour, colour2))) not in excluded:
                 obj.pattern, obj.colour2 = pattern, colour2
                 count += 1
