@@ -317,6 +317,15 @@ def test_shape_bound_patterns_go_on_their_class_only_and_never_make_a_concept():
             assert (obj.cls, obj.pattern, frozenset((obj.colour, obj.colour2))) not in excluded
             world.render(scene, 32)  # every drawn combination renders
     assert set(ALL_PATTERNS) <= seen
+    # prefer_shape: toys get their face first (unless purple, the creature toy's own colour)
+    faces = {p: 0 for p in (0.0, 1.0)}
+    for prefer in faces:
+        rng = np.random.default_rng(2)
+        for _ in range(300):
+            scene = world.sample_scene(rng, classes=["toy"], n_objects=1)
+            add_patterns(scene, rng, 1.0, excluded, ALL_PATTERNS, prefer_shape=prefer)
+            faces[prefer] += scene.objects[0].pattern == "creature"
+    assert faces[1.0] > 250 and faces[0.0] < 100, faces
 
 
 def test_pretraining_patterns_are_a_per_session_setting(tmp_path):

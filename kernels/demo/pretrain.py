@@ -62,11 +62,13 @@ log = logging.getLogger(__name__)
 
 
 def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_share: float = 0.0,
-                   patterns: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+                   patterns: tuple[str, ...] | None = None, prefer_shape: float = 0.0
+                   ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``n`` world scenes (uint8 [n, 64, 64, 3]), their captions and object masks (bool [n, 64, 64]); no
     hold-out combination appears; a share ``p_two`` has two objects; each object carries a random two-colour
     pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever),
-    drawn from ``patterns`` (default world_patterns.PATTERNS, the two-colour ones)."""
+    drawn from ``patterns`` (default world_patterns.PATTERNS, the two-colour ones; ``prefer_shape`` as in
+    world_patterns.add_patterns)."""
     from .world import render, sample_scene
     from .world_patterns import PATTERNS, add_patterns, excluded_combinations
 
@@ -77,7 +79,7 @@ def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_shar
     captions = []
     for i in range(n):
         scene = sample_scene(rng, holdout=HOLDOUT, p_two=p_two)
-        add_patterns(scene, rng, pattern_share, excluded, patterns or PATTERNS)
+        add_patterns(scene, rng, pattern_share, excluded, patterns or PATTERNS, prefer_shape)
         im, masks[i], _ = render(scene, RESOLUTION)
         images[i] = np.asarray(im)
         captions.append(scene.caption())

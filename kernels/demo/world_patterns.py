@@ -28,19 +28,24 @@ def excluded_combinations() -> set[tuple[str, str | None, frozenset]]:
 
 
 def add_patterns(scene: Scene, rng: np.random.Generator, share: float,
-                 excluded: set[tuple[str, str | None, frozenset]], patterns: tuple[str, ...] = PATTERNS) -> int:
+                 excluded: set[tuple[str, str | None, frozenset]], patterns: tuple[str, ...] = PATTERNS,
+                 prefer_shape: float = 0.0) -> int:
     """Give each object of ``scene``, with probability ``share``, a random pattern of ``patterns`` and a random
     second colour (not its own; not an ``excluded`` combination: up to 10 draws, else it stays flat); a
-    shape-bound pattern (:data:`SHAPE_PATTERNS`) only on its class and without a second colour. Draws nothing from
-    ``rng`` when ``share`` is 0, so flat-world datasets stay identical. Returns how many were patterned."""
+    shape-bound pattern (:data:`SHAPE_PATTERNS`) only on its class and without a second colour, and on an object of
+    that class with probability ``prefer_shape`` before any other (more faces and marks to learn from: a toy is
+    one class in many). Draws nothing from ``rng`` when ``share`` is 0, so flat-world datasets stay identical;
+    nothing more when ``prefer_shape`` is 0. Returns how many were patterned."""
     if share <= 0:
         return 0
     count = 0
+    own_shape = {cls: p for p, cls in SHAPE_PATTERNS.items() if p in patterns}
     for obj in scene.objects:
         if rng.uniform() >= share:
             continue
-        for _ in range(10):
-            pattern = patterns[int(rng.integers(len(patterns)))]
+        preferred = prefer_shape > 0 and obj.cls in own_shape and rng.uniform() < prefer_shape
+        for attempt in range(10):
+            pattern = own_shape[obj.cls] if preferred and attempt == 0 else patterns[int(rng.integers(len(patterns)))]
             colour2 = COLOURS[int(rng.integers(len(COLOURS)))]
             if pattern in SHAPE_PATTERNS:
                 if SHAPE_PATTERNS[pattern] != obj.cls:
