@@ -1,7 +1,8 @@
 """Pretrain the demo base model on the demo world, on a CPU, from scratch, in one resumable command.
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
-[--vae-minutes M] [--unet-minutes M] [--patterns S] [--decoder-minutes M] [--threads T]`` runs five stages:
+[--vae-minutes M] [--unet-minutes M] [--patterns S] [--decoder-minutes M] [--decoder-patterns S] [--threads T]``
+runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
    two objects);
@@ -13,6 +14,9 @@
    (world_patterns.py) and encoded once more;
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
+   with ``--decoder-patterns S`` (per session) on scenes where a share S of objects carries any of the world's
+   patterns, faces on toys and marks on boxes preferred (world_patterns.ALL_PATTERNS; never a concept's own
+   combination), so the decoder learns to draw fine detail it otherwise rarely sees;
 
 and writes the diffusers folder to ``--out`` beside a staging copy that is renamed into place (never
 half-written), with ``pretrain_log.json``: settings, every session's stage times, loss curves, measurements.
@@ -57,6 +61,7 @@ N_SCENES = 32000
 P_TWO_OBJECTS = 0.5
 UNET_LR, TEXT_LR, UNET_BATCH, VAE_LR, VAE_BATCH = 5e-4, 2e-4, 32, 1e-3, 16
 DECODER_LR, DECODER_BATCH = 5e-4, 8
+DECODER_PREFER_SHAPE = 0.7  # share of toys drawn with a face and boxes with a mark in the decoder's patterned scenes
 
 log = logging.getLogger(__name__)
 
@@ -177,18 +182,21 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              n_images: int = N_SCENES, vae_minutes: float = 60, unet_minutes: float = 300, threads: int = 2,
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
-             schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0) -> dict:
+             schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
+             decoder_patterns: float = 0.0) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
-    scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world)."""
+    scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world).
+    ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    if not 0.0 <= patterns <= 1.0:
-        raise ValueError(f"patterns is a share of objects, 0 to 1; got {patterns}")
+    for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
     torch.set_num_threads(threads)
     settings = {"seed": seed, "n_images": n_images, "p_two_objects": P_TWO_OBJECTS, "resolution": RESOLUTION,
                 "latent_channels": latent_channels or VAE_CONFIG["latent_channels"], "vae_lr": VAE_LR,
@@ -206,7 +214,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                **({"continued_from": str(from_dir)} if seeded else {}),
                "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60,
-               "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns}
+               "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns,
+               "decoder_patterns": decoder_patterns}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
     tok_dir = work.path / "tokenizer"
@@ -279,7 +288,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                prediction_type=scheduler.config.prediction_type)
     _decoder_stage(work, vae, session, scenes, budget_s=decoder_minutes * 60, seed=run_seed, n_images=n_images,
                    unet_done=work.stage("unet")["done_s"] >= unet_minutes * 60, measure=measure,
-                   session_s=deadline - time.perf_counter(), checkpoint_every_s=checkpoint_every_s)
+                   session_s=deadline - time.perf_counter(), checkpoint_every_s=checkpoint_every_s,
+                   pattern_share=decoder_patterns)
 
     record = {"settings": settings, "work": str(work.path), "sessions": progress["sessions"],
               "vae": work.stage("vae"), "latent_scaling_factor": scale, "unet": work.stage("unet"),
@@ -325,10 +335,12 @@ def _patterned_latents(work: WorkFolder, vae, scale: float, seed: int, n_images:
 
 
 def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: float, seed: int, n_images: int,
-                   unet_done: bool, measure: bool, session_s: float, checkpoint_every_s: float) -> None:
+                   unet_done: bool, measure: bool, session_s: float, checkpoint_every_s: float,
+                   pattern_share: float = 0.0) -> None:
     """Stage 5: load the decoder fine-tuned so far (its state file), and train it on while its budget is left, the
     UNet's is spent and this session has time; then measure the VAE (what the decoder keeps) into the stage.
-    ``scenes``: (images, masks) rendered earlier in this session, or None to render them."""
+    ``scenes``: (images, masks) rendered earlier in this session, or None to render them; with ``pattern_share``
+    > 0 the stage renders its own scenes with every pattern of the world (faces and marks preferred)."""
     optimizer = torch.optim.AdamW(decoder_parameters(vae), lr=DECODER_LR, weight_decay=0.0)
     work.load_state("decoder", {"vae": vae}, optimizer)
     stage = work.progress.get("decoder")
@@ -336,12 +348,19 @@ def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: fl
         return
     stage = work.stage("decoder")
     t0 = time.perf_counter()
-    if scenes is None:
+    if pattern_share > 0:
+        from .world_patterns import ALL_PATTERNS
+
+        images, _, masks = render_dataset(n_images, work.settings["seed"], pattern_share=pattern_share,
+                                          patterns=ALL_PATTERNS, prefer_shape=DECODER_PREFER_SHAPE)
+        session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
+    elif scenes is None:
         images, _, masks = render_dataset(n_images, work.settings["seed"])
         session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     else:
         images, masks = scenes
     stage.update(lr=DECODER_LR, batch=DECODER_BATCH)
+    stage.setdefault("pattern_share_per_session", []).append(pattern_share)
     train_decoder(vae, optimizer, images, masks, budget_s=budget_s, done_s=stage["done_s"], done_steps=stage["steps"],
                   seed=seed, batch=DECODER_BATCH, lr=DECODER_LR, checkpoint_every_s=checkpoint_every_s,
                   on_checkpoint=_checkpointer(work, "decoder", {"vae": vae}, optimizer, session),
@@ -398,6 +417,9 @@ def main(argv=None) -> None:
     ap.add_argument("--patterns", type=float, default=0.0,
                     help="share of objects with a random two-colour pattern in this session's UNet scenes "
                          "(default 0: the flat world; recorded per session)")
+    ap.add_argument("--decoder-patterns", type=float, default=0.0,
+                    help="share of objects with any world pattern (faces on toys, marks on boxes preferred) in the "
+                         "decoder stage's scenes (default 0: the flat world; recorded per session)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--session-minutes", type=float, default=float("inf"),
                     help="stop this session after M minutes and write --out from the state reached (resumable)")
@@ -410,7 +432,7 @@ def main(argv=None) -> None:
     rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                    session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
-                   decoder_minutes=a.decoder_minutes, patterns=a.patterns)
+                   decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 
