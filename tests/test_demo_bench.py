@@ -3,7 +3,7 @@
 import pytest
 
 from fewshot_personalize.kernels.demo.bench import REFERENCES, THROUGH_VAE, markdown, summarise
-from fewshot_personalize.kernels.demo.unet_training import lr_factor
+from fewshot_personalize.kernels.demo.unet_training import lr_factor, scheduled_factor
 
 BASE, PRIOR, NOPRIOR = ("base model (no personalization)", "DreamBooth-LoRA, prior, UNet + text encoder",
                         "DreamBooth-LoRA, no prior, UNet + text encoder")
@@ -66,3 +66,14 @@ def test_the_default_recipe_gets_its_own_target_line():
     assert (f"- the default recipe ({DEFAULT_METHOD.name}): subject fidelity = 80 % of the references' own score; "
             "95 % of what the references keep through the model's VAE; prompt fidelity = 50 % of the base model's"
             ) in table
+
+
+def test_a_rewarmed_extension_gets_a_schedule_of_its_own():
+    """A finished 600 s run extended to 660 s: stretched, the extension starts inside the new cooldown at 45 % of the
+    peak; re-warmed at 0.6 it climbs to 0.6 of the peak, holds, and cools down to zero at the new end."""
+    assert scheduled_factor(5000, 600, 660, cooldown=0.2) == pytest.approx((1 - 600 / 660) / 0.2)
+    rewarm = (600.0, 5000, 0.6)
+    assert scheduled_factor(5000, 600, 660, 0.2, rewarm) == pytest.approx(0.6 / 100)  # the first warm-up step
+    assert scheduled_factor(5200, 630, 660, 0.2, rewarm) == pytest.approx(0.6)  # warmed up, before the cooldown
+    assert scheduled_factor(5400, 654, 660, 0.2, rewarm) == pytest.approx(0.6 * 0.5)  # half-way through it
+    assert scheduled_factor(5500, 660, 660, 0.2, rewarm) == 0.0

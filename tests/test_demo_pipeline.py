@@ -174,6 +174,29 @@ def test_pretraining_resumes_after_an_interruption_and_extends_a_finished_run(tm
         P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=5, unet_minutes=more, **TINY)
 
 
+def test_a_rewarmed_extension_starts_its_own_schedule_and_keeps_it(tmp_path, monkeypatch):
+    """--rewarm F on an extended budget: the extension's first step warms up afresh to F × the peak (not the stretched
+    cooldown's tail), the stage records where the extension began, and a later session of the same extension keeps
+    that record."""
+    from fewshot_personalize.kernels.demo import pretrain as P
+    from fewshot_personalize.kernels.demo import unet_training
+
+    first = P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    real, factors = unet_training.scheduled_factor, []
+    monkeypatch.setattr(unet_training, "scheduled_factor", lambda *a, **kw: factors.append(real(*a, **kw)) or factors[-1])
+    budget = first["unet"]["done_s"] / 60 + 0.02
+    rec = P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=budget, rewarm=0.5,
+                     session_minutes=0.01, **TINY)
+    assert rec["unet"]["rewarm"] == {"from_s": first["unet"]["done_s"], "from_step": first["unet"]["steps"],
+                                     "peak": 0.5, "budget_s": budget * 60}
+    assert factors[0] == pytest.approx(0.5 / 100)  # step 1 of a fresh warm-up to half the peak
+    again = P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=budget, rewarm=0.5,
+                       **TINY)
+    assert again["unet"]["rewarm"] == rec["unet"]["rewarm"] and again["finished"]
+    with pytest.raises(ValueError, match="rewarm is a share"):
+        P.pretrain(tmp_path / "m", work_dir=tmp_path / "w", unet_minutes=budget + 1, rewarm=1.5, **TINY)
+
+
 def test_pretraining_stops_after_its_session_minutes_and_continues_from_that_folder_elsewhere(tmp_path):
     from safetensors.torch import load_file
 

@@ -183,17 +183,23 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
-             decoder_patterns: float = 0.0) -> dict:
+             decoder_patterns: float = 0.0, rewarm: float | None = None) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
     scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world).
-    ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world."""
+    ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world.
+    ``rewarm``: when this session extends the UNet's budget, give the extension a schedule of its own (warm-up to
+    ``rewarm`` × the peak learning rates, then the cooldown over the extension's last ``cooldown`` fraction),
+    recorded in the stage so that later sessions of the same extension keep it; without it the one schedule of the
+    whole run stretches to the new budget, and an extension of a finished run trains at its cooldown's tail."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    if rewarm is not None and not 0.0 < rewarm <= 1.0:
+        raise ValueError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
     for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
@@ -279,13 +285,19 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
     work.load_state("unet", nets, opt)
     stage = work.stage("unet")
+    if rewarm is not None:
+        if stage.get("rewarm", {}).get("budget_s") != unet_minutes * 60 and stage["done_s"] < unet_minutes * 60:
+            stage["rewarm"] = {"from_s": stage["done_s"], "from_step": stage["steps"], "peak": rewarm,
+                               "budget_s": unet_minutes * 60}
+    extension = stage.get("rewarm") if stage.get("rewarm", {}).get("budget_s") == unet_minutes * 60 else None
     ids, empty_ids = caption_ids(tokenizer, captions)
     train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids, empty_ids, budget_s=unet_minutes * 60,
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),
                batch=UNET_BATCH, cooldown=cooldown, checkpoint_every_s=checkpoint_every_s,
                on_checkpoint=_checkpointer(work, "unet", nets, opt, session),
                session_s=max(0.0, deadline - time.perf_counter()),
-               prediction_type=scheduler.config.prediction_type)
+               prediction_type=scheduler.config.prediction_type,
+               rewarm=(extension["from_s"], extension["from_step"], extension["peak"]) if extension else None)
     _decoder_stage(work, vae, session, scenes, budget_s=decoder_minutes * 60, seed=run_seed, n_images=n_images,
                    unet_done=work.stage("unet")["done_s"] >= unet_minutes * 60, measure=measure,
                    session_s=deadline - time.perf_counter(), checkpoint_every_s=checkpoint_every_s,
@@ -417,6 +429,9 @@ def main(argv=None) -> None:
     ap.add_argument("--patterns", type=float, default=0.0,
                     help="share of objects with a random two-colour pattern in this session's UNet scenes "
                          "(default 0: the flat world; recorded per session)")
+    ap.add_argument("--rewarm", type=float,
+                    help="extending the UNet's budget: warm up again to this share of the peak learning rate and "
+                         "cool down over the extension (default: the whole run's schedule stretches)")
     ap.add_argument("--decoder-patterns", type=float, default=0.0,
                     help="share of objects with any world pattern (faces on toys, marks on boxes preferred) in the "
                          "decoder stage's scenes (default 0: the flat world; recorded per session)")
@@ -432,7 +447,8 @@ def main(argv=None) -> None:
     rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                    session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
-                   decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns)
+                   decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
+                   rewarm=a.rewarm)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 

@@ -5,7 +5,10 @@ Lin et al. 2024 §3.2), 10 % empty captions for classifier-free guidance (Ho & S
 2022), gradient clipping at 1, and an EMA copy of both networks (decay 0.999, warmed up as (1+n)/(10+n)) that is
 what gets saved. Learning rate: warm-up over 100 steps, constant, then a linear decay to zero over the last
 ``cooldown`` fraction of the time budget (the decay phase of a warmup-stable-decay schedule; time-based because the
-budget is).
+budget is). A run extended after its cooldown can be re-warmed and re-decayed (Gupta et al. 2023, "Continual
+pre-training of large language models: how to (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable
+strategies to continually pre-train large language models"): the extension gets a schedule of its own, warm-up to
+a share of the peak, then its own cooldown.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ def lr_factor(step: int, progress: float, warmup: int, cooldown: float) -> float
     if cooldown > 0:
         factor *= min(1.0, max(0.0, 1.0 - progress) / cooldown)
     return factor
+
+
+def scheduled_factor(step: int, spent_s: float, budget_s: float, cooldown: float,
+                     rewarm: tuple[float, int, float] | None = None, warmup: int = 100) -> float:
+    """The learning-rate multiplier of :func:`train_unet` at ``step``, ``spent_s`` seconds into a ``budget_s`` run:
+    :func:`lr_factor` over the whole run, or, from ``rewarm`` = (seconds, steps, peak) on, ``peak`` × a fresh
+    :func:`lr_factor` over the rest of the budget."""
+    if rewarm is None:
+        return lr_factor(step, min(1.0, spent_s / max(budget_s, 1e-9)), warmup, cooldown)
+    from_s, from_step, peak = rewarm
+    return peak * lr_factor(step - from_step, (spent_s - from_s) / max(budget_s - from_s, 1e-9), warmup, cooldown)
 
 
 def with_ema(unet, text) -> dict[str, torch.nn.Module]:
@@ -55,10 +69,12 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
                done_steps: int, seed: int, base_lrs: tuple[float, float], batch: int = 32, ema_decay: float = 0.999,
                p_uncond: float = 0.1, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
                on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf"),
-               prediction_type: str = "epsilon") -> dict:
+               prediction_type: str = "epsilon", rewarm: tuple[float, int, float] | None = None) -> dict:
     """``nets``: ``unet``, ``text`` and their EMA copies ``ema_unet``, ``ema_text``. Trains until ``budget_s``
     seconds have been spent in all sessions or ``session_s`` in this one; ``done_steps`` continues the warm-up and EMA counters.
-    ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end."""
+    ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end. ``rewarm`` =
+    (seconds, steps, peak): from that point of the run on, the learning rate follows :func:`lr_factor` afresh over
+    the rest of the budget, scaled by ``peak``."""
     unet, text, ema_unet, ema_text = nets["unet"], nets["text"], nets["ema_unet"], nets["ema_text"]
     g = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule(alphas_cumprod, prediction_type)
@@ -77,7 +93,7 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, schedule.num_timesteps, (batch,), generator=g)
         x_t = schedule.add_noise(x0, noise, t)
-        factor = lr_factor(step, clock.progress(), 100, cooldown)
+        factor = scheduled_factor(step, clock.spent, budget_s, cooldown, rewarm)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         loss = torch.nn.functional.mse_loss(unet(x_t, t, text(tok)[0]).sample, schedule.target(x0, noise, t))
