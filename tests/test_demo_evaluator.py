@@ -113,6 +113,16 @@ def test_pattern_fidelity_tells_layouts_of_the_same_colours_apart(ev):
         assert scores[p] >= 0.6 and scores[p] - best_other >= 0.25, (p, scores)
 
 
+def test_fidelities_together_equal_each_alone(ev):
+    """``fidelities`` finds the objects once for both scores and gives exactly what the two methods give."""
+    refs = _balls("stripes", seed=0)
+    ref_imgs, ref_masks = [r[0] for r in refs], [r[1] for r in refs]
+    imgs = [im for im, _ in _balls("checker", seed=7, n=3)] + [im for im, _ in _balls("stripes", seed=7, n=3)]
+    both = ev.fidelities(imgs, ref_imgs, ref_masks, "ball")
+    assert both == {"subject_fidelity": ev.subject_fidelity(imgs, ref_imgs, ref_masks, "ball"),
+                    "pattern_fidelity": ev.pattern_fidelity(imgs, ref_imgs, ref_masks, "ball")}
+
+
 def test_pattern_geometry_is_rotation_invariant_and_empty_objects_score_nothing(ev):
     """Turning the image a quarter turn (exact on the pixel grid) leaves the descriptor unchanged; every found
     object's descriptor is unit length; an image without an object has the zero descriptor."""

@@ -97,11 +97,9 @@ def cmd_demo(a) -> int:
     masks = np.stack([m for _, m in refs])
     metrics = {"concept": a.concept, "identifier": c.identifier, "method": method.name, "steps": result.steps,
                "train_seconds": round(result.seconds, 1), "prompts": prompts,
-               "before": {"subject_fidelity": ev.subject_fidelity(before, ref_imgs, masks, c.cls),
-                          "pattern_fidelity": ev.pattern_fidelity(before, ref_imgs, masks, c.cls),
+               "before": {**ev.fidelities(before, ref_imgs, masks, c.cls),
                           "prompt_fidelity": float(np.mean([ev.evaluate([im], p)["prompt_fidelity"] for im, p in zip(before, prompts)]))},
-               "after": {"subject_fidelity": ev.subject_fidelity(after, ref_imgs, masks, c.cls),
-                         "pattern_fidelity": ev.pattern_fidelity(after, ref_imgs, masks, c.cls),
+               "after": {**ev.fidelities(after, ref_imgs, masks, c.cls),
                          "prompt_fidelity": float(np.mean([ev.evaluate([im], p)["prompt_fidelity"] for im, p in zip(after, prompts)]))},
                "references_ceiling": reference_score(ev, a.concept, a.seed)}
     grid = image_grid([ref_imgs, before, after], row_labels=["reference photos", "before (base model)",

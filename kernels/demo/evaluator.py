@@ -513,6 +513,15 @@ class Evaluator:
         b = self.pattern_embed(references, ref_masks)
         return float((a @ b.T).clamp(0, 1).mean())
 
+    def fidelities(self, images, references, ref_masks=None, cls: str | None = None) -> dict[str, float]:
+        """``subject_fidelity`` and ``pattern_fidelity`` together (as the two methods give them), finding the
+        objects in ``images`` once for both."""
+        x, refs = to_batch(images), to_batch(references)
+        m, rm = self._subject_masks(x, None, cls), self._subject_masks(refs, ref_masks)
+        return {"subject_fidelity": float((self.embed(x, m) @ self.embed(refs, rm).T).clamp(0, 1).mean()),
+                "pattern_fidelity": float((self.pattern_embed(x, m) @ self.pattern_embed(refs, rm).T)
+                                          .clamp(0, 1).mean())}
+
     def prior_preservation(self, class_images, references, ref_masks=None) -> float:
         """PRES analogue (DreamBooth §4.3): subject fidelity of images generated from the bare class prompt
         ("a toy") to the subject's references; higher = the class prior drifted towards the subject."""
@@ -541,8 +550,7 @@ class Evaluator:
         idx = expected.get("subject_index")
         cls = expected["objects"][idx]["cls"] if idx is not None else None
         if references is not None:
-            out["subject_fidelity"] = self.subject_fidelity(x, references, ref_masks, cls)
-            out["pattern_fidelity"] = self.pattern_fidelity(x, references, ref_masks, cls)
+            out |= self.fidelities(x, references, ref_masks, cls)
         if x.shape[0] >= 2:
             out["diversity"] = self.diversity(x)
         return out

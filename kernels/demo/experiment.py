@@ -219,8 +219,8 @@ def reference_score(evaluator, concept: str, seed: int, pipe=None) -> dict:
         renders = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(2)]
         for v in views:
             imgs = renders if v == "ideal" else round_trip(pipe.vae, renders)
-            got[v]["subject_fidelity"].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
-            got[v]["pattern_fidelity"].append(evaluator.pattern_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+            for key, value in evaluator.fidelities(imgs, ref_imgs, ref_masks, c.cls).items():
+                got[v][key].append(value)
             got[v]["prompt_fidelity"].append(evaluator.prompt_fidelity(imgs, spec.expected(c.cls)))
     scores = {v: {k: float(np.mean(got[v][k])) for k in metrics} for v in views}
     return scores.pop("ideal") | scores

@@ -360,14 +360,11 @@ def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: fl
         return
     stage = work.stage("decoder")
     t0 = time.perf_counter()
-    if pattern_share > 0:
+    if pattern_share > 0 or scenes is None:  # at share 0 the same flat scenes as stage 1
         from .world_patterns import ALL_PATTERNS
 
         images, _, masks = render_dataset(n_images, work.settings["seed"], pattern_share=pattern_share,
                                           patterns=ALL_PATTERNS, prefer_shape=DECODER_PREFER_SHAPE)
-        session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
-    elif scenes is None:
-        images, _, masks = render_dataset(n_images, work.settings["seed"])
         session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     else:
         images, masks = scenes

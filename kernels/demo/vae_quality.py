@@ -103,8 +103,9 @@ def concept_ceiling(evaluator, vae, concept: str, seeds: int = 1, images_per_pro
             renders = [render_prompt(c, spec, seed=seed * 1000 + k * 10 + j)[0] for j in range(images_per_prompt)]
             group = got["two_object" if spec.others else "one_object"]
             for view, imgs in (("ideal", renders), ("vae", round_trip(vae, renders))):
-                group["subject"][view].append(evaluator.subject_fidelity(imgs, ref_imgs, ref_masks, c.cls))
-                group["pattern"][view].append(evaluator.pattern_fidelity(imgs, ref_imgs, ref_masks, c.cls))
+                got_view = evaluator.fidelities(imgs, ref_imgs, ref_masks, c.cls)
+                group["subject"][view].append(got_view["subject_fidelity"])
+                group["pattern"][view].append(got_view["pattern_fidelity"])
 
     def kept(v: dict) -> dict:
         ideal, through = float(np.mean(v["ideal"])), float(np.mean(v["vae"]))

@@ -26,6 +26,8 @@ import torch
 
 from fewshot_personalize.kernels.adapters.lora import ALL_LAYERS
 from fewshot_personalize.kernels.core.plots import image_grid
+from fewshot_personalize.kernels.demo.bench import CEILING
+from fewshot_personalize.kernels.demo.bench import METRICS as BENCH_METRICS
 from fewshot_personalize.kernels.demo.concepts import Concept, reference_images
 from fewshot_personalize.kernels.demo.evaluator import Evaluator
 from fewshot_personalize.kernels.demo.experiment import (DEFAULT_METHOD, METHODS, demo_pipeline, personalize,
@@ -34,8 +36,7 @@ from fewshot_personalize.kernels.demo.model import demo_model_path
 
 HERE = Path(__file__).parent
 HELDOUT = Concept("striped_ball", "ball", "red", "stripes", "sks", "a red ball with yellow stripes", colour2="yellow")
-METRICS = ("subject_fidelity", "pattern_fidelity", "prompt_fidelity", "class_prior_drift", "diversity")
-CEILING = ("subject_fidelity", "pattern_fidelity", "prompt_fidelity")
+METRICS = BENCH_METRICS[:5]  # the quality bench's, less the training time
 #: DreamBooth with prior, UNet + text encoder: LoRA on the attention projections, and on every UNet layer (the default)
 RECIPES = (next(r for r in METHODS if r.unet_targets != (ALL_LAYERS,) and r.prior and r.text and r.method ==
                 DEFAULT_METHOD.method), DEFAULT_METHOD)
