@@ -293,13 +293,16 @@ def test_decoder_stage_fine_tunes_the_decoder_alone_and_resumes(tmp_path):
 
     # a longer budget on patterned scenes (faces and marks): trains on, recorded per session; the encoder stays
     more = pretrain(tmp_path / "m4", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01,
-                    decoder_minutes=0.04, decoder_patterns=0.5, **TINY)
+                    decoder_minutes=0.04, decoder_patterns=0.5, decoder_prefer_shape=0.9, **TINY)
     assert more["decoder"]["steps"] > rec["decoder"]["steps"]
     assert more["decoder"]["pattern_share_per_session"][-1] == 0.5 and more["sessions"][-1]["decoder_patterns"] == 0.5
+    assert more["sessions"][-1]["decoder_prefer_shape"] == 0.9
     v4 = weights("m4", "vae")
     assert all(torch.equal(v1[k], v4[k]) for k in kept) and any(not torch.equal(v3[k], v4[k]) for k in tuned)
     with pytest.raises(ValueError, match="decoder patterns is a share"):
         pretrain(tmp_path / "m5", work_dir=tmp_path / "w", decoder_patterns=1.5, **TINY)
+    with pytest.raises(ValueError, match="decoder prefer shape is a share"):
+        pretrain(tmp_path / "m5", work_dir=tmp_path / "w", decoder_patterns=0.5, decoder_prefer_shape=-0.1, **TINY)
 
 
 def test_world_patterns_teach_the_vocabulary_never_a_concept():

@@ -183,14 +183,16 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              latent_channels: int | None = None, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
-             decoder_patterns: float = 0.0, rewarm: float | None = None) -> dict:
+             decoder_patterns: float = 0.0, rewarm: float | None = None,
+             decoder_prefer_shape: float = DECODER_PREFER_SHAPE) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
     scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world).
-    ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world.
+    ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world;
+    ``decoder_prefer_shape``: of those, the share of toys given a face and of boxes given a mark first (per session).
     ``rewarm``: when this session extends the UNet's budget, give the extension a schedule of its own (warm-up to
     ``rewarm`` × the peak learning rates, then the cooldown over the extension's last ``cooldown`` fraction),
     recorded in the stage so that later sessions of the same extension keep it; without it the one schedule of the
@@ -200,7 +202,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
 
     if rewarm is not None and not 0.0 < rewarm <= 1.0:
         raise ValueError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
-    for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns)):
+    for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns),
+                        ("decoder prefer shape", decoder_prefer_shape)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
     torch.set_num_threads(threads)
@@ -221,7 +224,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                "machine": f"{platform.machine()} {platform.processor()}".strip(),
                "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60,
                "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns,
-               "decoder_patterns": decoder_patterns}
+               "decoder_patterns": decoder_patterns,
+               **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
     tok_dir = work.path / "tokenizer"
@@ -301,7 +305,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     _decoder_stage(work, vae, session, scenes, budget_s=decoder_minutes * 60, seed=run_seed, n_images=n_images,
                    unet_done=work.stage("unet")["done_s"] >= unet_minutes * 60, measure=measure,
                    session_s=deadline - time.perf_counter(), checkpoint_every_s=checkpoint_every_s,
-                   pattern_share=decoder_patterns)
+                   pattern_share=decoder_patterns, prefer_shape=decoder_prefer_shape)
 
     record = {"settings": settings, "work": str(work.path), "sessions": progress["sessions"],
               "vae": work.stage("vae"), "latent_scaling_factor": scale, "unet": work.stage("unet"),
@@ -348,7 +352,7 @@ def _patterned_latents(work: WorkFolder, vae, scale: float, seed: int, n_images:
 
 def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: float, seed: int, n_images: int,
                    unet_done: bool, measure: bool, session_s: float, checkpoint_every_s: float,
-                   pattern_share: float = 0.0) -> None:
+                   pattern_share: float = 0.0, prefer_shape: float = DECODER_PREFER_SHAPE) -> None:
     """Stage 5: load the decoder fine-tuned so far (its state file), and train it on while its budget is left, the
     UNet's is spent and this session has time; then measure the VAE (what the decoder keeps) into the stage.
     ``scenes``: (images, masks) rendered earlier in this session, or None to render them; with ``pattern_share``
@@ -364,7 +368,7 @@ def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: fl
         from .world_patterns import ALL_PATTERNS
 
         images, _, masks = render_dataset(n_images, work.settings["seed"], pattern_share=pattern_share,
-                                          patterns=ALL_PATTERNS, prefer_shape=DECODER_PREFER_SHAPE)
+                                          patterns=ALL_PATTERNS, prefer_shape=prefer_shape)
         session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     else:
         images, masks = scenes
@@ -432,6 +436,9 @@ def main(argv=None) -> None:
     ap.add_argument("--decoder-patterns", type=float, default=0.0,
                     help="share of objects with any world pattern (faces on toys, marks on boxes preferred) in the "
                          "decoder stage's scenes (default 0: the flat world; recorded per session)")
+    ap.add_argument("--decoder-prefer-shape", type=float, default=DECODER_PREFER_SHAPE,
+                    help="of the decoder stage's patterned objects, the share of toys drawn with a face and boxes "
+                         f"with a mark first (default {DECODER_PREFER_SHAPE}; recorded per session)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--session-minutes", type=float, default=float("inf"),
                     help="stop this session after M minutes and write --out from the state reached (resumable)")
@@ -445,7 +452,7 @@ def main(argv=None) -> None:
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                    session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                    decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
-                   rewarm=a.rewarm)
+                   rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 
