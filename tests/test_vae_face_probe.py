@@ -47,3 +47,29 @@ def test_face_transfer_reads_one_when_kept_and_zero_when_erased():
     assert abs(kept["face_transfer"] - 1) < 1e-5
     erased = probe.face_transfer(_Identity(erase_with=faceless), faced, faceless)
     assert abs(erased["face_transfer"]) < 1e-5
+
+
+def test_the_probe_fits_the_decoder_alone():
+    """vae_training.fit_decoder (the probe's loop) fits the decoder to the images and leaves the encoder as it was,
+    and nothing trainable."""
+    from diffusers import AutoencoderKL
+
+    from fewshot_personalize.kernels.demo.model import VAE_CONFIG
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    faced, faceless, masks = probe.render_pairs(11, 2)
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    x = torch.cat([faced, faceless])
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((vae.decode(vae.encode(x).latent_dist.mean).sample - x).pow(2).mean())
+
+    before = error()
+    seen = []
+    probe.train_probe(vae, faced, faceless, masks, 30, on_step=seen.append)
+    assert seen == list(range(1, 31)) and not vae.training
+    assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert error() < 0.5 * before  # fitted on these very images

@@ -297,6 +297,11 @@ def _normalise_crop(x: torch.Tensor, m: torch.Tensor, size: int = RES, inner: in
 
 
 # --------------------------------------------------------------------------------------------------- evaluator
+def _mean_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean pairwise similarity of unit descriptors [A, D] and [B, D], negatives counted as 0 (no likeness)."""
+    return float((a @ b.T).clamp(0, 1).mean())
+
+
 class Evaluator:
     """The demo benchmark's judge: recognition (CLIP-T analogue) and subject similarity (DINO / masked CLIP-I
     analogue). Build with :meth:`load`."""
@@ -509,18 +514,15 @@ class Evaluator:
         in ``references`` (masks and ``cls`` as in :meth:`subject_fidelity`). Subject fidelity credits the
         colours that meet inside an object; this asks whether they are laid out alike: red/yellow blotches score
         high on subject fidelity against red/yellow stripes and low here."""
-        a = self.pattern_embed(images, None, cls)
-        b = self.pattern_embed(references, ref_masks)
-        return float((a @ b.T).clamp(0, 1).mean())
+        return _mean_agreement(self.pattern_embed(images, None, cls), self.pattern_embed(references, ref_masks))
 
     def fidelities(self, images, references, ref_masks=None, cls: str | None = None) -> dict[str, float]:
         """``subject_fidelity`` and ``pattern_fidelity`` together (as the two methods give them), finding the
         objects in ``images`` once for both."""
         x, refs = to_batch(images), to_batch(references)
         m, rm = self._subject_masks(x, None, cls), self._subject_masks(refs, ref_masks)
-        return {"subject_fidelity": float((self.embed(x, m) @ self.embed(refs, rm).T).clamp(0, 1).mean()),
-                "pattern_fidelity": float((self.pattern_embed(x, m) @ self.pattern_embed(refs, rm).T)
-                                          .clamp(0, 1).mean())}
+        return {"subject_fidelity": _mean_agreement(self.embed(x, m), self.embed(refs, rm)),
+                "pattern_fidelity": _mean_agreement(self.pattern_embed(x, m), self.pattern_embed(refs, rm))}
 
     def prior_preservation(self, class_images, references, ref_masks=None) -> float:
         """PRES analogue (DreamBooth §4.3): subject fidelity of images generated from the bare class prompt

@@ -289,13 +289,14 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
     work.load_state("unet", nets, opt)
     stage = work.stage("unet")
-    if rewarm is not None:
-        if stage.get("rewarm", {}).get("budget_s") != unet_minutes * 60 and stage["done_s"] < unet_minutes * 60:
-            stage["rewarm"] = {"from_s": stage["done_s"], "from_step": stage["steps"], "peak": rewarm,
-                               "budget_s": unet_minutes * 60}
-    extension = stage.get("rewarm") if stage.get("rewarm", {}).get("budget_s") == unet_minutes * 60 else None
+    unet_budget_s = unet_minutes * 60
+    recorded = stage.get("rewarm")  # the extension that began re-warmed, for the budget it extended to
+    if rewarm is not None and (recorded or {}).get("budget_s") != unet_budget_s and stage["done_s"] < unet_budget_s:
+        stage["rewarm"] = recorded = {"from_s": stage["done_s"], "from_step": stage["steps"], "peak": rewarm,
+                                      "budget_s": unet_budget_s}
+    extension = recorded if recorded and recorded["budget_s"] == unet_budget_s else None
     ids, empty_ids = caption_ids(tokenizer, captions)
-    train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids, empty_ids, budget_s=unet_minutes * 60,
+    train_unet(nets, opt, scheduler.alphas_cumprod, latents, ids, empty_ids, budget_s=unet_budget_s,
                done_s=stage["done_s"], done_steps=stage["steps"], seed=run_seed, base_lrs=(UNET_LR, TEXT_LR),
                batch=UNET_BATCH, cooldown=cooldown, checkpoint_every_s=checkpoint_every_s,
                on_checkpoint=_checkpointer(work, "unet", nets, opt, session),

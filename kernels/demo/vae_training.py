@@ -15,6 +15,7 @@ KL term, on full images: the latent space a UNet was trained on stays exactly as
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -115,6 +116,42 @@ def decoder_parameters(vae) -> list[torch.nn.Parameter]:
     return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
 
 
+def _only_decoder_trainable(vae) -> list[torch.nn.Parameter]:
+    """Freeze the VAE but :func:`decoder_parameters`, and return those."""
+    trained = decoder_parameters(vae)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    return trained
+
+
+def fit_decoder(vae, x: torch.Tensor, w: torch.Tensor, steps: int, *, lr: float = 1e-3, batch: int = 8,
+                edge_weight: float = 0.5, seed: int = 0, on_step: Callable[[int], None] | None = None) -> None:
+    """A probe, not a training stage: ``steps`` AdamW steps of :func:`decoder_parameters` on fixed images ``x``
+    (pixels in [-1, 1], loss weights ``w``) decoded from the frozen encoder's latent means, no augmentation and no
+    schedule. What such a decoder gives back is what the latents hold. ``on_step(n)`` after step n, the VAE in
+    eval mode."""
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    trained = _only_decoder_trainable(vae)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        vae.decoder.train()
+        idx = rng.integers(0, len(x), batch)
+        loss = reconstruction_loss(vae.decode(z[idx]).sample, x[idx], w[idx], edge_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            vae.eval()
+            on_step(step + 1)
+    for p in trained:
+        p.requires_grad_(False)
+    vae.eval()
+
+
 def train_decoder(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray, *, budget_s: float,
                   done_s: float, seed: int, done_steps: int = 0, batch: int = 8, lr: float = 5e-4,
                   object_weight: float = 4.0, edge_weight: float = 0.5, augment: float = 0.5,
@@ -126,11 +163,7 @@ def train_decoder(vae, optimizer: torch.optim.Optimizer, images: np.ndarray, mas
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae.eval()
-    trained = decoder_parameters(vae)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
+    trained = _only_decoder_trainable(vae)
     vae.post_quant_conv.train()
     vae.decoder.train()
     clock = TimeBudget(budget_s, done_s, checkpoint_every_s, on_checkpoint, session_s)

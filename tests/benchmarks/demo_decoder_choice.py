@@ -28,31 +28,13 @@ def _row(tag: str, steps: int, report: dict) -> dict:
 def _probe(vae, concept: str, steps: int) -> None:
     """Train the decoder on 400 renders of ``concept``'s prompts (seeds the measurement never uses)."""
     from fewshot_personalize.kernels.demo.concepts import prompt_specs, render_prompt
-    from fewshot_personalize.kernels.demo.vae_training import decoder_parameters, reconstruction_loss, to_pixels
+    from fewshot_personalize.kernels.demo.vae_training import fit_decoder, to_pixels
 
     specs = prompt_specs(concept)
     renders = [render_prompt(concept, specs[i % len(specs)], seed=50000 + i)[:2] for i in range(400)]
     x = to_pixels(np.stack([np.asarray(im) for im, _ in renders]))
     w = 1 + 4 * torch.from_numpy(np.stack([m for _, m in renders])).unsqueeze(1).float()
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.mean
-    params = decoder_parameters(vae)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    vae.decoder.train()
-    for _ in range(steps):
-        idx = rng.integers(0, len(renders), 8)
-        loss = reconstruction_loss(vae.decode(z[idx]).sample, x[idx], w[idx], 0.5)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
-    for p in params:
-        p.requires_grad_(False)
+    fit_decoder(vae, x, w, steps)
 
 
 def main(argv=None) -> None:

@@ -73,31 +73,12 @@ def face_transfer(vae, faced: torch.Tensor, faceless: torch.Tensor) -> dict:
 
 def train_probe(vae, faced: torch.Tensor, faceless: torch.Tensor, masks: torch.Tensor, steps: int,
                 on_step=None) -> None:
-    """The decoder alone on the frozen encoder's latent means of both halves (the pretraining's decoder loss)."""
-    from fewshot_personalize.kernels.demo.vae_training import decoder_parameters, reconstruction_loss
+    """The decoder alone on both halves, faced and faceless (vae_training.fit_decoder: the pretraining's decoder
+    loss, object pixels weighted 5×)."""
+    from fewshot_personalize.kernels.demo.vae_training import fit_decoder
 
-    x = torch.cat([faced, faceless])
-    w = 1 + 4 * torch.cat([masks, masks]).unsqueeze(1)
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.mean
-    params = decoder_parameters(vae)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    rng = np.random.default_rng(0)
-    for step in range(steps):
-        vae.decoder.train()
-        idx = rng.integers(0, len(x), 8)
-        loss = reconstruction_loss(vae.decode(z[idx]).sample, x[idx], w[idx], 0.5)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            vae.eval()
-            on_step(step + 1)
-    vae.eval()
+    fit_decoder(vae, torch.cat([faced, faceless]), 1 + 4 * torch.cat([masks, masks]).unsqueeze(1), steps,
+                on_step=on_step)
 
 
 def main(argv=None) -> None:
