@@ -384,3 +384,33 @@ def test_pretraining_patterns_are_a_per_session_setting(tmp_path):
     assert (tmp_path / "w" / "latents_patterns0.5.safetensors").is_file()
     with pytest.raises(ValueError, match="share of objects"):
         pretrain(tmp_path / "m", work_dir=tmp_path / "w", patterns=1.5, **TINY)
+
+
+def test_pair_patterns_keep_two_object_scenes_flat(tmp_path, monkeypatch):
+    """--pair-patterns S: the two-object scenes of a patterned session get share S (0: flat, as in the flat world),
+    one-object scenes keep --patterns; the latents are kept apart per pair of shares and the session records S."""
+    from fewshot_personalize.kernels.demo import world_patterns
+    from fewshot_personalize.kernels.demo.pretrain import pretrain, render_dataset
+
+    real, seen = world_patterns.add_patterns, []
+
+    def spy(scene, rng, share, *args, **kwargs):
+        n = real(scene, rng, share, *args, **kwargs)
+        seen.append((len(scene.objects), share, n))
+        return n
+
+    monkeypatch.setattr(world_patterns, "add_patterns", spy)
+    render_dataset(40, 3, pattern_share=1.0, pair_share=0.0)
+    assert {(k, share) for k, share, _ in seen} == {(1, 1.0), (2, 0.0)}
+    assert all(n == 0 for k, _, n in seen if k == 2) and sum(n for k, _, n in seen if k == 1) > 0
+    monkeypatch.setattr(world_patterns, "add_patterns", real)
+
+    first = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    more = first["unet"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=more, patterns=0.5,
+                   pair_patterns=0.0, **TINY)
+    assert rec["sessions"][-1]["pair_patterns"] == 0.0 and "pair_patterns" not in rec["sessions"][0]
+    assert (tmp_path / "w" / "latents_patterns0.5_pairs0.safetensors").is_file()
+    assert not (tmp_path / "w" / "latents_patterns0.5.safetensors").exists()
+    with pytest.raises(ValueError, match="pair patterns is a share"):
+        pretrain(tmp_path / "m", work_dir=tmp_path / "w", patterns=0.5, pair_patterns=2.0, **TINY)

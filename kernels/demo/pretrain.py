@@ -1,7 +1,8 @@
 """Pretrain the demo base model on the demo world, on a CPU, from scratch, in one resumable command.
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
-[--vae-minutes M] [--unet-minutes M] [--patterns S] [--decoder-minutes M] [--decoder-patterns S] [--threads T]``
+[--vae-minutes M] [--unet-minutes M] [--patterns S] [--pair-patterns S] [--decoder-minutes M] [--decoder-patterns S]
+[--threads T]``
 runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
@@ -11,7 +12,9 @@ runs five stages:
 3. encode every scene once (latent means), scaled to unit variance;
 4. train the UNet and the text encoder for ``--unet-minutes`` (unet_training.py); the EMA weights are saved;
    with ``--patterns S`` (per session) its scenes are rendered again with a share S of patterned objects
-   (world_patterns.py) and encoded once more;
+   (world_patterns.py) and encoded once more; ``--pair-patterns S`` gives its two-object scenes share S instead
+   (0: pairs stay flat, since captions do not name patterns and a second colour beside another object's colour
+   blurs which colour belongs to which object);
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
    with ``--decoder-patterns S`` (per session) on scenes where a share S of objects carries any of the world's
@@ -67,13 +70,13 @@ log = logging.getLogger(__name__)
 
 
 def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_share: float = 0.0,
-                   patterns: tuple[str, ...] | None = None, prefer_shape: float = 0.0
-                   ) -> tuple[np.ndarray, list[str], np.ndarray]:
+                   patterns: tuple[str, ...] | None = None, prefer_shape: float = 0.0,
+                   pair_share: float | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``n`` world scenes (uint8 [n, 64, 64, 3]), their captions and object masks (bool [n, 64, 64]); no
     hold-out combination appears; a share ``p_two`` has two objects; each object carries a random two-colour
     pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever),
     drawn from ``patterns`` (default world_patterns.PATTERNS, the two-colour ones; ``prefer_shape`` as in
-    world_patterns.add_patterns)."""
+    world_patterns.add_patterns); ``pair_share``: the share in two-object scenes instead (None: ``pattern_share``)."""
     from .world import render, sample_scene
     from .world_patterns import PATTERNS, add_patterns, excluded_combinations
 
@@ -84,7 +87,8 @@ def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_shar
     captions = []
     for i in range(n):
         scene = sample_scene(rng, holdout=HOLDOUT, p_two=p_two)
-        add_patterns(scene, rng, pattern_share, excluded, patterns or PATTERNS, prefer_shape)
+        share = pattern_share if pair_share is None or len(scene.objects) < 2 else pair_share
+        add_patterns(scene, rng, share, excluded, patterns or PATTERNS, prefer_shape)
         im, masks[i], _ = render(scene, RESOLUTION)
         images[i] = np.asarray(im)
         captions.append(scene.caption())
@@ -184,13 +188,14 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
              decoder_patterns: float = 0.0, rewarm: float | None = None,
-             decoder_prefer_shape: float = DECODER_PREFER_SHAPE) -> dict:
+             decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
-    scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world).
+    scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world);
+    ``pair_patterns``: the share in its two-object scenes instead (None: ``patterns``; 0 keeps pairs flat).
     ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world;
     ``decoder_prefer_shape``: of those, the share of toys given a face and of boxes given a mark first (per session).
     ``rewarm``: when this session extends the UNet's budget, give the extension a schedule of its own (warm-up to
@@ -203,7 +208,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     if rewarm is not None and not 0.0 < rewarm <= 1.0:
         raise ValueError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
     for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns),
-                        ("decoder prefer shape", decoder_prefer_shape)):
+                        ("decoder prefer shape", decoder_prefer_shape),
+                        ("pair patterns", patterns if pair_patterns is None else pair_patterns)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
     torch.set_num_threads(threads)
@@ -225,6 +231,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                "vae_budget_s": vae_minutes * 60, "unet_budget_s": unet_minutes * 60,
                "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns,
                "decoder_patterns": decoder_patterns,
+               **({"pair_patterns": pair_patterns} if pair_patterns is not None else {}),
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
@@ -282,7 +289,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
     if patterns > 0 and work.stage("unet")["done_s"] < unet_minutes * 60:
-        latents, captions = _patterned_latents(work, vae, scale, seed, n_images, patterns, session)
+        latents, captions = _patterned_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns)
 
     nets = with_ema(unet, text)
     ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
@@ -334,15 +341,17 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
 
 
 def _patterned_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
-                       session: dict) -> tuple[torch.Tensor, list[str]]:
+                       session: dict, pair_share: float | None = None) -> tuple[torch.Tensor, list[str]]:
     """Latents (scaled like the flat world's, same encoder) and captions of ``n_images`` scenes with a pattern
-    share ``share``, rendered and encoded once per share and kept in the work folder."""
-    file = work.path / f"latents_patterns{share:g}.safetensors"
+    share ``share`` (``pair_share`` in two-object scenes), rendered and encoded once per pair of shares and kept in
+    the work folder."""
+    pairs = "" if pair_share is None or pair_share == share else f"_pairs{pair_share:g}"
+    file = work.path / f"latents_patterns{share:g}{pairs}.safetensors"
     if file.is_file():
         tensors, meta = load_safetensors(file)
         return tensors["latents"], json.loads(meta["captions"])
     t0 = time.perf_counter()
-    images, captions, _ = render_dataset(n_images, seed, pattern_share=share)
+    images, captions, _ = render_dataset(n_images, seed, pattern_share=share, pair_share=pair_share)
     session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     latents = (encode_all(vae, images) * scale).contiguous()
     atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share)},
@@ -431,6 +440,9 @@ def main(argv=None) -> None:
     ap.add_argument("--patterns", type=float, default=0.0,
                     help="share of objects with a random two-colour pattern in this session's UNet scenes "
                          "(default 0: the flat world; recorded per session)")
+    ap.add_argument("--pair-patterns", type=float,
+                    help="the pattern share in the two-object scenes of this session's UNet scenes instead "
+                         "(default: --patterns; 0 keeps them flat; recorded per session)")
     ap.add_argument("--rewarm", type=float,
                     help="extending the UNet's budget: warm up again to this share of the peak learning rate and "
                          "cool down over the extension (default: the whole run's schedule stretches)")
@@ -453,7 +465,7 @@ def main(argv=None) -> None:
                    unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                    session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                    decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
-                   rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape)
+                   rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns)
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 
