@@ -9,6 +9,7 @@ History: the first recording (commit 3a2e29a) was made with the trainer as it wa
 method-generic (5384e23) on demo model 1, and the method-generic loop matched it until demo model 1 was replaced.
 Demo model 2 (v-prediction) changes every number, so the fixture was recorded again with this loop on demo model 2
 (``python tests/test_dreambooth_reference.py``, the same runs); it now guards the loop against unintended change.
+Demo model 2h (its UNet and text encoder trained further) was recorded the same way.
 """
 
 import json
@@ -80,7 +81,7 @@ def record(path: Path = FIXTURE) -> None:
         losses, files = _run(run, json.loads(meta[run]))
         out[f"{run}/losses"] = losses
         out.update({f"{run}/{k}": v for k, v in files.items()})
-    meta = meta | {"recorded_with": "the method-generic loop on demo model 2", "torch": torch.__version__}
+    meta = meta | {"recorded_with": "the method-generic loop on demo model 2h", "torch": torch.__version__}
     atomic_save(out, path, metadata=meta, overwrite=True)
 
 
