@@ -212,6 +212,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                         ("pair patterns", patterns if pair_patterns is None else pair_patterns)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
+    if pair_patterns is not None and patterns == 0:
+        raise ValueError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
+                         "give --patterns above 0 as well (this session's scenes are flat)")
     torch.set_num_threads(threads)
     settings = {"seed": seed, "n_images": n_images, "p_two_objects": P_TWO_OBJECTS, "resolution": RESOLUTION,
                 "latent_channels": latent_channels or VAE_CONFIG["latent_channels"], "vae_lr": VAE_LR,
@@ -461,11 +464,14 @@ def main(argv=None) -> None:
                     "from it where the work folder is new (e.g. on another machine)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
-                   unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
-                   session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
-                   decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
-                   rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns)
+    try:
+        rec = pretrain(a.out, work_dir=a.work, seed=a.seed, n_images=a.images, vae_minutes=a.vae_minutes,
+                       unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
+                       session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
+                       decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
+                       rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns)
+    except ValueError as e:  # bad settings: one line, exit 2, like the project's command line
+        ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
 
