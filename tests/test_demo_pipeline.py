@@ -418,13 +418,11 @@ def test_pair_patterns_keep_two_object_scenes_flat(tmp_path, monkeypatch):
 
 def test_pair_patterns_need_a_patterned_session(tmp_path, capsys):
     """--pair-patterns without --patterns would be ignored (the session's scenes are flat): refused, nothing written."""
-    from fewshot_personalize.kernels.demo.pretrain import pretrain
+    from fewshot_personalize.kernels.demo.pretrain import main, pretrain
 
     with pytest.raises(ValueError, match="give --patterns above 0"):
         pretrain(tmp_path / "m", work_dir=tmp_path / "w", pair_patterns=0.0, **TINY)
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
-    from fewshot_personalize.kernels.demo.pretrain import main
-
     with pytest.raises(SystemExit) as stop:
         main(["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--pair-patterns", "0"])
     assert stop.value.code == 2 and "error: pair patterns" in capsys.readouterr().err

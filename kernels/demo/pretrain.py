@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..core.cache import cache_root
+from ..core.errors import UserInputError
 from ..core.atomic_write import atomic_write_text
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
@@ -140,7 +141,7 @@ class WorkFolder:
         self.progress = json.loads(file.read_text()) if file.is_file() else {"settings": settings, "sessions": []}
         if self.progress["settings"] != settings:
             changed = sorted(k for k in settings if self.progress["settings"].get(k) != settings[k])
-            raise ValueError(f"{path} holds a run with other settings ({', '.join(changed)}); use another --work "
+            raise UserInputError(f"{path} holds a run with other settings ({', '.join(changed)}); use another --work "
                              "folder or the same settings")
 
     def save(self) -> None:
@@ -206,14 +207,14 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     from transformers import CLIPTokenizer
 
     if rewarm is not None and not 0.0 < rewarm <= 1.0:
-        raise ValueError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
+        raise UserInputError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
     for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns),
                         ("decoder prefer shape", decoder_prefer_shape),
                         ("pair patterns", patterns if pair_patterns is None else pair_patterns)):
         if not 0.0 <= share <= 1.0:
-            raise ValueError(f"{name} is a share of objects, 0 to 1; got {share}")
+            raise UserInputError(f"{name} is a share of objects, 0 to 1; got {share}")
     if pair_patterns is not None and patterns == 0:
-        raise ValueError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
+        raise UserInputError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
                          "give --patterns above 0 as well (this session's scenes are flat)")
     torch.set_num_threads(threads)
     settings = {"seed": seed, "n_images": n_images, "p_two_objects": P_TWO_OBJECTS, "resolution": RESOLUTION,
@@ -248,7 +249,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     latents_file = work.path / "latents.safetensors"
     vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
     if vae_more and work.stage("unet")["steps"] > 0:
-        raise ValueError(f"the VAE stage of {work.path} is finished ({work.stage('vae')['done_s'] / 60:.0f} min) "
+        raise UserInputError(f"the VAE stage of {work.path} is finished ({work.stage('vae')['done_s'] / 60:.0f} min) "
                          "and the UNet trains on its latents; a longer --vae-minutes needs a new --work folder")
     if vae_more and latents_file.is_file():
         latents_file.unlink()  # the UNet has not started: the VAE may still train on
@@ -408,11 +409,11 @@ def _continue_log(work: WorkFolder, from_dir: Path) -> None:
     """Start ``work`` from the log of the model folder ``from_dir`` (same settings, or a clear error)."""
     log_file = from_dir / "pretrain_log.json"
     if not log_file.is_file():
-        raise ValueError(f"--from {from_dir}: no pretrain_log.json there (not a folder this command wrote)")
+        raise UserInputError(f"--from {from_dir}: no pretrain_log.json there (not a folder this command wrote)")
     record = json.loads(log_file.read_text())
     if record.get("settings") != work.settings:
         changed = sorted(k for k in work.settings if record.get("settings", {}).get(k) != work.settings[k])
-        raise ValueError(f"--from {from_dir}: written with other settings ({', '.join(changed)})")
+        raise UserInputError(f"--from {from_dir}: written with other settings ({', '.join(changed)})")
     work.progress.update(sessions=record["sessions"], vae=record["vae"], unet=record["unet"])
     if "decoder" in record:  # the folder's VAE already holds the decoder fine-tuned that far
         work.progress["decoder"] = record["decoder"]
@@ -470,7 +471,7 @@ def main(argv=None) -> None:
                        session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                        decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
                        rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns)
-    except ValueError as e:  # bad settings: one line, exit 2, like the project's command line
+    except UserInputError as e:  # the project's error policy: one line, exit 2
         ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
 
