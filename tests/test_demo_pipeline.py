@@ -416,6 +416,29 @@ def test_pair_patterns_keep_two_object_scenes_flat(tmp_path, monkeypatch):
         pretrain(tmp_path / "m", work_dir=tmp_path / "w", patterns=0.5, pair_patterns=2.0, **TINY)
 
 
+def test_two_objects_share_per_session(tmp_path):
+    """--two-objects S: this session's UNet scenes are rendered again with a share S of two-object scenes (flat
+    unless --patterns), encoded once into their own latents file, and the session records S; out of 0..1 refused."""
+    import json
+
+    from fewshot_personalize.kernels.formats.safetensors_io import load_safetensors
+    from fewshot_personalize.kernels.demo import world
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+
+    first = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    more = first["unet"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m", work_dir=tmp_path / "w", vae_minutes=0.01, unet_minutes=more, two_objects=1.0,
+                   **TINY)
+    assert rec["sessions"][-1]["two_objects"] == 1.0 and "two_objects" not in rec["sessions"][0]
+    assert rec["unet"]["steps"] > first["unet"]["steps"]
+    _, meta = load_safetensors(tmp_path / "w" / "latents_patterns0_two1.safetensors")
+    counts = [len(world.parse_prompt(c)["objects"]) for c in json.loads(meta["captions"])]
+    _, flat = load_safetensors(tmp_path / "w" / "latents.safetensors")
+    assert set(counts) == {2} and 1 in {len(world.parse_prompt(c)["objects"]) for c in json.loads(flat["captions"])}
+    with pytest.raises(ValueError, match="two objects is a share of scenes"):
+        pretrain(tmp_path / "m", work_dir=tmp_path / "w", two_objects=1.5, **TINY)
+
+
 def test_pair_patterns_need_a_patterned_session(tmp_path, capsys):
     """--pair-patterns without --patterns would be ignored (the session's scenes are flat): refused, nothing written."""
     from fewshot_personalize.kernels.demo.pretrain import main, pretrain

@@ -1,8 +1,8 @@
 """Pretrain the demo base model on the demo world, on a CPU, from scratch, in one resumable command.
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
-[--vae-minutes M] [--unet-minutes M] [--patterns S] [--pair-patterns S] [--decoder-minutes M] [--decoder-patterns S]
-[--threads T]``
+[--vae-minutes M] [--unet-minutes M] [--patterns S] [--pair-patterns S] [--two-objects S] [--decoder-minutes M]
+[--decoder-patterns S] [--threads T]``
 runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
@@ -14,7 +14,8 @@ runs five stages:
    with ``--patterns S`` (per session) its scenes are rendered again with a share S of patterned objects
    (world_patterns.py) and encoded once more; ``--pair-patterns S`` gives its two-object scenes share S instead
    (0: pairs stay flat, since captions do not name patterns and a second colour beside another object's colour
-   blurs which colour belongs to which object);
+   blurs which colour belongs to which object); ``--two-objects S`` (per session) renders them again with a share S
+   of two-object scenes instead of the run's half;
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
    with ``--decoder-patterns S`` (per session) on scenes where a share S of objects carries any of the world's
@@ -189,7 +190,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              measure: bool = True, session_minutes: float = float("inf"), from_dir: str | Path | None = None,
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
              decoder_patterns: float = 0.0, rewarm: float | None = None,
-             decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None) -> dict:
+             decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None,
+             two_objects: float | None = None) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
@@ -197,6 +199,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
     scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world);
     ``pair_patterns``: the share in its two-object scenes instead (None: ``patterns``; 0 keeps pairs flat).
+    ``two_objects``: the share of this session's UNet scenes with two objects (None: the run's setting,
+    ``p_two_objects``); scenes rendered again at that share and encoded once, recorded per session.
     ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world;
     ``decoder_prefer_shape``: of those, the share of toys given a face and of boxes given a mark first (per session).
     ``rewarm``: when this session extends the UNet's budget, give the extension a schedule of its own (warm-up to
@@ -210,9 +214,11 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         raise UserInputError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
     for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns),
                         ("decoder prefer shape", decoder_prefer_shape),
-                        ("pair patterns", patterns if pair_patterns is None else pair_patterns)):
+                        ("pair patterns", patterns if pair_patterns is None else pair_patterns),
+                        ("two objects", P_TWO_OBJECTS if two_objects is None else two_objects)):
         if not 0.0 <= share <= 1.0:
-            raise UserInputError(f"{name} is a share of objects, 0 to 1; got {share}")
+            raise UserInputError(f"{name} is a share of {'scenes' if name == 'two objects' else 'objects'}, "
+                                 f"0 to 1; got {share}")
     if pair_patterns is not None and patterns == 0:
         raise UserInputError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
                          "give --patterns above 0 as well (this session's scenes are flat)")
@@ -236,6 +242,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                "decoder_budget_s": decoder_minutes * 60, "schedule": schedule, "patterns": patterns,
                "decoder_patterns": decoder_patterns,
                **({"pair_patterns": pair_patterns} if pair_patterns is not None else {}),
+               **({"two_objects": two_objects} if two_objects is not None else {}),
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
@@ -292,8 +299,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
-    if patterns > 0 and work.stage("unet")["done_s"] < unet_minutes * 60:
-        latents, captions = _patterned_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns)
+    if (patterns > 0 or two_objects is not None) and work.stage("unet")["done_s"] < unet_minutes * 60:
+        latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
+                                             two_objects)
 
     nets = with_ema(unet, text)
     ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
@@ -344,23 +352,27 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     return record
 
 
-def _patterned_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
-                       session: dict, pair_share: float | None = None) -> tuple[torch.Tensor, list[str]]:
+def _session_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
+                     session: dict, pair_share: float | None = None,
+                     two_objects: float | None = None) -> tuple[torch.Tensor, list[str]]:
     """Latents (scaled like the flat world's, same encoder) and captions of ``n_images`` scenes with a pattern
-    share ``share`` (``pair_share`` in two-object scenes), rendered and encoded once per pair of shares and kept in
-    the work folder."""
+    share ``share`` (``pair_share`` in two-object scenes) and a share ``two_objects`` of two-object scenes (None:
+    the run's), rendered and encoded once per combination of shares and kept in the work folder."""
     pairs = "" if pair_share is None or pair_share == share else f"_pairs{pair_share:g}"
-    file = work.path / f"latents_patterns{share:g}{pairs}.safetensors"
+    two = "" if two_objects is None or two_objects == P_TWO_OBJECTS else f"_two{two_objects:g}"
+    file = work.path / f"latents_patterns{share:g}{pairs}{two}.safetensors"
     if file.is_file():
         tensors, meta = load_safetensors(file)
         return tensors["latents"], json.loads(meta["captions"])
     t0 = time.perf_counter()
-    images, captions, _ = render_dataset(n_images, seed, pattern_share=share, pair_share=pair_share)
+    images, captions, _ = render_dataset(n_images, seed, P_TWO_OBJECTS if two_objects is None else two_objects,
+                                         pattern_share=share, pair_share=pair_share)
     session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     latents = (encode_all(vae, images) * scale).contiguous()
-    atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share)},
-                overwrite=True)
-    log.info("rendered and encoded %d scenes with pattern share %g", n_images, share)
+    atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share),
+                                             "two_objects": repr(two_objects)}, overwrite=True)
+    log.info("rendered and encoded %d scenes with pattern share %g, two-object share %s", n_images, share,
+             two_objects)
     return latents, captions
 
 
@@ -447,6 +459,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pair-patterns", type=float,
                     help="the pattern share in the two-object scenes of this session's UNet scenes instead "
                          "(default: --patterns; 0 keeps them flat; recorded per session)")
+    ap.add_argument("--two-objects", type=float,
+                    help=f"share of this session's UNet scenes with two objects (default {P_TWO_OBJECTS}, the run's)")
     ap.add_argument("--rewarm", type=float,
                     help="extending the UNet's budget: warm up again to this share of the peak learning rate and "
                          "cool down over the extension (default: the whole run's schedule stretches)")
@@ -470,7 +484,8 @@ def main(argv=None) -> None:
                        unet_minutes=a.unet_minutes, threads=a.threads, latent_channels=a.latent_channels,
                        session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                        decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
-                       rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns)
+                       rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns,
+                       two_objects=a.two_objects)
     except UserInputError as e:  # the project's error policy: one line, exit 2
         ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
