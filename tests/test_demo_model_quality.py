@@ -82,6 +82,38 @@ def test_both_objects_right_needs_each_object_once(ev):
     assert half["both"] <= 0.2 and half["objects"] <= 0.6
 
 
+def test_two_object_failures_are_told_apart(ev):
+    """Each kind of miss is counted as its own: the second object left out (missing), drawn in another colour
+    (wrong_colour), or as another class (wrong_class), each far more often than on the right renders (whose misses
+    are the evaluator's own)."""
+    scenes = [s for s in Q.two_object_scenes(40, seed=5) if s.objects[0].cls != s.objects[1].cls
+              and s.objects[0].colour != s.objects[1].colour][:10]
+    captions = [s.caption() for s in scenes]
+
+    def with_second(change):
+        out = []
+        for s in scenes:
+            first, second = s.objects
+            out.append(W.render(W.Scene([first, *change(first, second)], s.context, s.texture_seed))[0])
+        return out
+
+    def recoloured(first, second):
+        colour = next(c for c in W.COLOURS if c not in (first.colour, second.colour)
+                      and c not in W.LOW_CONTRAST.get(scenes[0].context, ()) and c != "white")
+        return [W.Obj(second.cls, colour, second.size, second.x, second.y, variant=second.variant)]
+
+    def reclassed(first, second):
+        return [W.Obj(first.cls, second.colour, second.size, second.x, second.y, variant=second.variant)]
+
+    right = Q.both_objects_right(ev, [W.render(s)[0] for s in scenes], captions)
+    assert right["both"] >= 0.7 and abs(sum(right["failures"].values()) - (1 - right["both"])) < 1e-9
+    for change, kind in ((lambda a, b: [], "missing"), (recoloured, "wrong_colour"), (reclassed, "wrong_class")):
+        r = Q.both_objects_right(ev, with_second(change), captions)
+        assert r["failures"][kind] - right["failures"][kind] >= 0.5, (kind, r)
+        assert r["failures"][kind] == max(r["failures"].values())
+        assert abs(sum(r["failures"].values()) - (1 - r["both"])) < 1e-9
+
+
 def test_breakdown_finds_the_context_a_model_gets_wrong(ev):
     """A generator that draws every caption right except that 'in the snow' comes out on the grass: the breakdown
     by context shows snow failing and the others passing."""

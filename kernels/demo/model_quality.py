@@ -106,23 +106,41 @@ def two_object_scenes(n: int, seed: int) -> list:
     return [world.sample_scene(rng, n_objects=2, holdout=HOLDOUT) for _ in range(n)]
 
 
-def both_objects_right(evaluator, images, captions: list[str]) -> dict[str, float]:
+def both_objects_right(evaluator, images, captions: list[str]) -> dict:
     """Share of images in which every object of the caption is recognised with its class and colour, each by a
-    different blob (``both``), and the share of the caption's objects found so (``objects``)."""
+    different blob (``both``), and the share of the caption's objects found so (``objects``). ``failures``: the
+    share of images that miss, by the first kind of miss: an object not drawn at all (``missing``: fewer blobs than
+    asked), drawn in another colour (``wrong_colour``: its class is among the unmatched blobs), as another class
+    (``wrong_class``: its colour is), or neither (``other``). The two "wrong" kinds are attribute binding failures
+    (Chefer et al., Attend-and-Excite, SIGGRAPH 2023, §1: one object's class or colour taken by the other)."""
     both, found_objects = [], []
+    failures = dict.fromkeys(("missing", "wrong_colour", "wrong_class", "other"), 0)
     for rec, caption in zip(evaluator.recognise(images), captions):
         free = [(o["cls"], o["colour"]) for o in rec["objects"]]
         wanted = world.parse_prompt(caption)["objects"]
-        found = 0
+        missed = []
         for want in wanted:
             key = (want["cls"], want["colour"])
             if key in free:
                 free.remove(key)
-                found += 1
+            else:
+                missed.append(key)
         asked = len(wanted)
-        both.append(found == asked)
-        found_objects.append(found / asked)
-    return {"both": float(np.mean(both)), "objects": float(np.mean(found_objects)), "captions": len(captions)}
+        both.append(not missed)
+        found_objects.append(1 - len(missed) / asked)
+        if missed:
+            if len(rec["objects"]) < asked:
+                kind = "missing"
+            elif any(cls in {c for c, _ in free} for cls, _ in missed):
+                kind = "wrong_colour"
+            elif any(colour in {c for _, c in free} for _, colour in missed):
+                kind = "wrong_class"
+            else:
+                kind = "other"
+            failures[kind] += 1
+    n = max(1, len(captions))
+    return {"both": float(np.mean(both)), "objects": float(np.mean(found_objects)), "captions": len(captions),
+            "failures": {k: v / n for k, v in failures.items()}}
 
 
 def breakdown(evaluator, images, captions: list[str], by: str) -> dict[str, dict[str, float]]:
