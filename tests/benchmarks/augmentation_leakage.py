@@ -102,6 +102,14 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_label(folder: Path) -> str:
+    """The demo model a record was measured on, told apart by its pretraining log's step counts (the shipped
+    model's name changes with every release; its steps do not)."""
+    log = json.loads((folder / "pretrain_log.json").read_text()) if (folder / "pretrain_log.json").is_file() else {}
+    steps = [f"{log[k]['steps']:,} {k} steps" for k in ("unet", "decoder") if k in log]
+    return f"demo model ({folder.name}: {', '.join(steps) or 'no pretraining log'})"
+
+
 def main(argv=None) -> None:
     import torch
 
@@ -145,8 +153,7 @@ def main(argv=None) -> None:
     runs = earlier["runs"] + run(concepts, a.seeds, recipes, augmentations)
     from fewshot_personalize.kernels.demo.model import demo_model_path
 
-    channels = json.loads((Path(demo_model_path()) / "vae" / "config.json").read_text())["latent_channels"]
-    record = {"date": time.strftime("%Y-%m-%d"), "model": "demo model 1" if channels == 4 else "demo model 2",
+    record = {"date": time.strftime("%Y-%m-%d"), "model": model_label(Path(demo_model_path())),
               "concepts": concepts, "seeds": a.seeds,
               "augment": earlier["augment"] | {k: v.describe() for k, v in settings.items() if v is not None},
               "runs": runs,
