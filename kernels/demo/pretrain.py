@@ -299,7 +299,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
-    if (patterns > 0 or two_objects is not None) and work.stage("unet")["done_s"] < unet_minutes * 60:
+    more_pairs = two_objects is not None and two_objects != P_TWO_OBJECTS  # else the flat world's scenes as they are
+    if (patterns > 0 or more_pairs) and work.stage("unet")["done_s"] < unet_minutes * 60:
         latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
                                              two_objects)
 
