@@ -94,20 +94,21 @@ def test_two_object_failures_are_told_apart(ev):
         out = []
         for s in scenes:
             first, second = s.objects
-            out.append(W.render(W.Scene([first, *change(first, second)], s.context, s.texture_seed))[0])
+            out.append(W.render(W.Scene([first, *change(s.context, first, second)], s.context, s.texture_seed))[0])
         return out
 
-    def recoloured(first, second):
+    def recoloured(context, first, second):
         colour = next(c for c in W.COLOURS if c not in (first.colour, second.colour)
-                      and c not in W.LOW_CONTRAST.get(scenes[0].context, ()) and c != "white")
+                      and c not in W.LOW_CONTRAST.get(context, ()) and c != "white")
         return [W.Obj(second.cls, colour, second.size, second.x, second.y, variant=second.variant)]
 
-    def reclassed(first, second):
+    def reclassed(context, first, second):
         return [W.Obj(first.cls, second.colour, second.size, second.x, second.y, variant=second.variant)]
 
     right = Q.both_objects_right(ev, [W.render(s)[0] for s in scenes], captions)
     assert right["both"] >= 0.7 and abs(sum(right["failures"].values()) - (1 - right["both"])) < 1e-9
-    for change, kind in ((lambda a, b: [], "missing"), (recoloured, "wrong_colour"), (reclassed, "wrong_class")):
+    for change, kind in ((lambda context, a, b: [], "missing"), (recoloured, "wrong_colour"),
+                         (reclassed, "wrong_class")):
         r = Q.both_objects_right(ev, with_second(change), captions)
         assert r["failures"][kind] - right["failures"][kind] >= 0.5, (kind, r)
         assert r["failures"][kind] == max(r["failures"].values())

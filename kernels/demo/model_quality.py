@@ -131,9 +131,9 @@ def both_objects_right(evaluator, images, captions: list[str]) -> dict:
         if missed:
             if len(rec["objects"]) < asked:
                 kind = "missing"
-            elif any(cls in {c for c, _ in free} for cls, _ in missed):
+            elif {cls for cls, _ in missed} & {cls for cls, _ in free}:
                 kind = "wrong_colour"
-            elif any(colour in {c for _, c in free} for _, colour in missed):
+            elif {colour for _, colour in missed} & {colour for _, colour in free}:
                 kind = "wrong_class"
             else:
                 kind = "other"

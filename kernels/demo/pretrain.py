@@ -212,13 +212,11 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
 
     if rewarm is not None and not 0.0 < rewarm <= 1.0:
         raise UserInputError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
-    for name, share in (("patterns", patterns), ("decoder patterns", decoder_patterns),
-                        ("decoder prefer shape", decoder_prefer_shape),
-                        ("pair patterns", patterns if pair_patterns is None else pair_patterns),
-                        ("two objects", P_TWO_OBJECTS if two_objects is None else two_objects)):
-        if not 0.0 <= share <= 1.0:
-            raise UserInputError(f"{name} is a share of {'scenes' if name == 'two objects' else 'objects'}, "
-                                 f"0 to 1; got {share}")
+    for name, share, of in (("patterns", patterns, "objects"), ("decoder patterns", decoder_patterns, "objects"),
+                            ("decoder prefer shape", decoder_prefer_shape, "objects"),
+                            ("pair patterns", pair_patterns, "objects"), ("two objects", two_objects, "scenes")):
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise UserInputError(f"{name} is a share of {of}, 0 to 1; got {share}")
     if pair_patterns is not None and patterns == 0:
         raise UserInputError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
                          "give --patterns above 0 as well (this session's scenes are flat)")
@@ -299,10 +297,10 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         latents, scale, captions = tensors["latents"], float(meta["scaling_factor"]), json.loads(meta["captions"])
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
-    more_pairs = two_objects is not None and two_objects != P_TWO_OBJECTS  # else the flat world's scenes as they are
-    if (patterns > 0 or more_pairs) and work.stage("unet")["done_s"] < unet_minutes * 60:
+    other_pairs = None if two_objects == P_TWO_OBJECTS else two_objects  # None: the run's share, as rendered
+    if (patterns > 0 or other_pairs is not None) and work.stage("unet")["done_s"] < unet_minutes * 60:
         latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
-                                             two_objects)
+                                             other_pairs)
 
     nets = with_ema(unet, text)
     ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
@@ -360,7 +358,7 @@ def _session_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: i
     share ``share`` (``pair_share`` in two-object scenes) and a share ``two_objects`` of two-object scenes (None:
     the run's), rendered and encoded once per combination of shares and kept in the work folder."""
     pairs = "" if pair_share is None or pair_share == share else f"_pairs{pair_share:g}"
-    two = "" if two_objects is None or two_objects == P_TWO_OBJECTS else f"_two{two_objects:g}"
+    two = "" if two_objects is None else f"_two{two_objects:g}"
     file = work.path / f"latents_patterns{share:g}{pairs}{two}.safetensors"
     if file.is_file():
         tensors, meta = load_safetensors(file)
