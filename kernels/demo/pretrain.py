@@ -2,7 +2,7 @@
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
 [--vae-minutes M] [--unet-minutes M] [--patterns S] [--pair-patterns S] [--two-objects S] [--decoder-minutes M]
-[--decoder-patterns S] [--threads T]``
+[--decoder-patterns S] [--deepen L] [--threads T]``
 runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
@@ -15,7 +15,9 @@ runs five stages:
    (world_patterns.py) and encoded once more; ``--pair-patterns S`` gives its two-object scenes share S instead
    (0: pairs stay flat, since captions do not name patterns and a second colour beside another object's colour
    blurs which colour belongs to which object); ``--two-objects S`` (per session) renders them again with a share S
-   of two-object scenes instead of the run's half;
+   of two-object scenes instead of the run's half; ``--deepen L`` (from this session on) gives every
+   cross-attention block of the trained UNet L transformer layers, the new ones starting as no-ops
+   (unet_deepening.py), before this session's UNet steps;
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
    with ``--decoder-patterns S`` (per session) on scenes where a share S of objects carries any of the world's
@@ -59,6 +61,7 @@ from ..core.atomic_write import atomic_write_text
 from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
 from .model import DEFAULT_SCHEDULE, HOLDOUT, MODEL_DIR, RESOLUTION, SCHEDULES, VAE_CONFIG, build_untrained
+from .unet_deepening import deepen_unet, transformer_layers
 from .unet_training import caption_ids, make_optimizer, train_unet, with_ema
 from .vae_training import decoder_parameters, pixel_error, to_pixels, train_decoder, train_vae
 
@@ -191,7 +194,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
              decoder_patterns: float = 0.0, rewarm: float | None = None,
              decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None,
-             two_objects: float | None = None) -> dict:
+             two_objects: float | None = None, deepen: int | None = None) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
@@ -201,6 +204,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     ``pair_patterns``: the share in its two-object scenes instead (None: ``patterns``; 0 keeps pairs flat).
     ``two_objects``: the share of this session's UNet scenes with two objects (None: the run's setting,
     ``p_two_objects``); scenes rendered again at that share and encoded once, recorded per session.
+    ``deepen``: the UNet's transformer layers per cross-attention block from this session on (unet_deepening.py;
+    more than it has, and only where this session trains the UNet; recorded in the stage, so later sessions and
+    ``--from`` build the deeper UNet; Adam's moments start afresh, as with ``--from``).
     ``decoder_patterns``: the same for the decoder stage's scenes, drawn from every pattern of the world;
     ``decoder_prefer_shape``: of those, the share of toys given a face and of boxes given a mark first (per session).
     ``rewarm``: when this session extends the UNet's budget, give the extension a schedule of its own (warm-up to
@@ -217,6 +223,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                             ("pair patterns", pair_patterns, "objects"), ("two objects", two_objects, "scenes")):
         if share is not None and not 0.0 <= share <= 1.0:
             raise UserInputError(f"{name} is a share of {of}, 0 to 1; got {share}")
+    if deepen is not None and (not isinstance(deepen, int) or deepen < 1):
+        raise UserInputError(f"deepen is a number of transformer layers per block, 1 or more; got {deepen!r}")
     if pair_patterns is not None and patterns == 0:
         raise UserInputError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
                          "give --patterns above 0 as well (this session's scenes are flat)")
@@ -241,6 +249,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                "decoder_patterns": decoder_patterns,
                **({"pair_patterns": pair_patterns} if pair_patterns is not None else {}),
                **({"two_objects": two_objects} if two_objects is not None else {}),
+               **({"deepen": deepen} if deepen is not None else {}),
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
@@ -248,6 +257,15 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"],
                                                     schedule=schedule)
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    depth = work.stage("unet").get("transformer_layers", transformer_layers(unet))
+    if depth != transformer_layers(unet):  # an earlier session deepened the UNet: load into its architecture
+        unet = deepen_unet(unet, depth, seed)
+    if deepen is not None and deepen < depth:
+        raise UserInputError(f"--deepen {deepen}: the UNet already has {depth} transformer layers per block "
+                             "(a UNet is deepened, never made shallower)")
+    if deepen is not None and deepen > depth and work.stage("unet")["done_s"] >= unet_minutes * 60:
+        raise UserInputError(f"--deepen {deepen}: the UNet's budget is spent ({work.stage('unet')['done_s'] / 60:.0f} "
+                             f"of {unet_minutes:g} min); give a larger --unet-minutes so that the new layers train")
     if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
         nets = {"vae": vae} if work.stage("unet")["steps"] == 0 else {"vae": vae, "unet": unet, "text": text}
         _load_weights(Path(from_dir), **nets)
@@ -303,10 +321,17 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                                              other_pairs)
 
     nets = with_ema(unet, text)
-    ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
     work.load_state("unet", nets, opt)
     stage = work.stage("unet")
+    if deepen is not None and deepen > depth:  # the trained (and EMA) UNet grow; both start the new layers alike
+        deeper = {k: deepen_unet(nets[k], deepen, run_seed) for k in ("unet", "ema_unet")}
+        nets = nets | {"unet": deeper["unet"], "ema_unet": deeper["ema_unet"].requires_grad_(False)}
+        opt = make_optimizer(nets["unet"], text, UNET_LR, TEXT_LR)
+        stage["transformer_layers"] = deepen
+        log.info("UNet deepened to %d transformer layers per block (%d parameters)", deepen,
+                 sum(p.numel() for p in nets["unet"].parameters()))
+    ema_unet, ema_text = nets["ema_unet"], nets["ema_text"]
     unet_budget_s = unet_minutes * 60
     recorded = stage.get("rewarm")  # the extension that began re-warmed, for the budget it extended to
     if rewarm is not None and (recorded or {}).get("budget_s") != unet_budget_s and stage["done_s"] < unet_budget_s:
@@ -469,6 +494,9 @@ def main(argv=None) -> None:
     ap.add_argument("--decoder-prefer-shape", type=float, default=DECODER_PREFER_SHAPE,
                     help="of the decoder stage's patterned objects, the share of toys drawn with a face and boxes "
                          f"with a mark first (default {DECODER_PREFER_SHAPE}; recorded per session)")
+    ap.add_argument("--deepen", type=int,
+                    help="from this session on, L transformer layers in every cross-attention block of the UNet, "
+                         "the new ones starting as no-ops (needs UNet minutes left; recorded)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--session-minutes", type=float, default=float("inf"),
                     help="stop this session after M minutes and write --out from the state reached (resumable)")
@@ -484,7 +512,7 @@ def main(argv=None) -> None:
                        session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                        decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
                        rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns,
-                       two_objects=a.two_objects)
+                       two_objects=a.two_objects, deepen=a.deepen)
     except UserInputError as e:  # the project's error policy: one line, exit 2
         ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)
