@@ -10,7 +10,8 @@ method-generic (5384e23) on demo model 1, and the method-generic loop matched it
 Demo model 2 (v-prediction) changes every number, so the fixture was recorded again with this loop on demo model 2
 (``python tests/test_dreambooth_reference.py``, the same runs); it now guards the loop against unintended change.
 Demo model 2h (its UNet and text encoder trained further) was recorded the same way. Demo model 2i differs from 2h
-only in the VAE's decoder, which training never runs, so 2h's recording holds for it unchanged.
+only in the VAE's decoder, which these runs never use (their class images are given, not sampled), so 2h's
+recording holds for it unchanged.
 """
 
 import json
