@@ -260,10 +260,11 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     depth = work.stage("unet").get("transformer_layers", transformer_layers(unet))
     if depth != transformer_layers(unet):  # an earlier session deepened the UNet: load into its architecture
         unet = deepen_unet(unet, depth, seed)
+    unet_left = work.stage("unet")["done_s"] < unet_minutes * 60  # only UNet steps move it, and they come later
     if deepen is not None and deepen < depth:
         raise UserInputError(f"--deepen {deepen}: the UNet already has {depth} transformer layers per block "
                              "(a UNet is deepened, never made shallower)")
-    if deepen is not None and deepen > depth and work.stage("unet")["done_s"] >= unet_minutes * 60:
+    if deepen is not None and deepen > depth and not unet_left:
         raise UserInputError(f"--deepen {deepen}: the UNet's budget is spent ({work.stage('unet')['done_s'] / 60:.0f} "
                              f"of {unet_minutes:g} min); give a larger --unet-minutes so that the new layers train")
     if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
@@ -316,7 +317,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
     other_pairs = None if two_objects == P_TWO_OBJECTS else two_objects  # None: the run's share, as rendered
-    if (patterns > 0 or other_pairs is not None) and work.stage("unet")["done_s"] < unet_minutes * 60:
+    if (patterns > 0 or other_pairs is not None) and unet_left:
         latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
                                              other_pairs)
 
