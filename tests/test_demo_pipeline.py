@@ -449,3 +449,49 @@ def test_pair_patterns_need_a_patterned_session(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--pair-patterns", "0"])
     assert stop.value.code == 2 and "error: pair patterns" in capsys.readouterr().err
+
+
+def test_pattern_words_name_the_patterns_and_grow_an_older_text_encoder(tmp_path, monkeypatch):
+    """--pattern-words: this session's captions name each two-colour pattern ("… with yellow stripes"), in latents
+    of their own, recorded per session, refused without --patterns; --from a model whose tokenizer predates the
+    pattern nouns grows its text encoder to them (old rows kept by token, new ones added) and trains on."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from fewshot_personalize.kernels.demo import world
+    from fewshot_personalize.kernels.demo.pretrain import pretrain
+    from fewshot_personalize.kernels.formats.safetensors_io import load_safetensors
+
+    new_words = world.all_words()
+    old_words = [w for w in new_words if w not in world.PATTERN_NOUNS.values()]
+    monkeypatch.setattr(world, "all_words", lambda: old_words)  # a model of the vocabulary before the nouns
+    first = pretrain(tmp_path / "m1", work_dir=tmp_path / "w1", vae_minutes=0.01, unet_minutes=0.01, **TINY)
+    monkeypatch.setattr(world, "all_words", lambda: new_words)
+    old_vocab = CLIPTokenizer.from_pretrained(str(tmp_path / "m1" / "tokenizer")).get_vocab()
+    assert "stripes</w>" not in old_vocab
+
+    more = first["unet"]["done_s"] / 60 + 0.02
+    rec = pretrain(tmp_path / "m2", work_dir=tmp_path / "w2", vae_minutes=0.01, unet_minutes=more, patterns=1.0,
+                   pattern_words=True, from_dir=tmp_path / "m1", **TINY)
+    assert rec["sessions"][-1]["pattern_words"] is True and "pattern_words" not in rec["sessions"][0]
+    assert rec["unet"]["steps"] > first["unet"]["steps"]
+    _, meta = load_safetensors(tmp_path / "w2" / "latents_patterns1_named.safetensors")
+    captions = json.loads(meta["captions"])
+    assert any(world.parse_prompt(c)["objects"][0]["pattern"] is not None for c in captions)
+    assert all(not world.parse_prompt(c)["unknown"] for c in captions)
+
+    new_vocab = CLIPTokenizer.from_pretrained(str(tmp_path / "m2" / "tokenizer")).get_vocab()
+    assert set(old_vocab) < set(new_vocab) and "stripes</w>" in new_vocab
+    key = "embeddings.token_embedding.weight"
+    before = load_file(str(tmp_path / "m1" / "text_encoder" / "model.safetensors"))[key]
+    after = load_file(str(tmp_path / "m2" / "text_encoder" / "model.safetensors"))[key]
+    assert after.shape[0] == len(new_vocab) > before.shape[0] == len(old_vocab)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "m1" / "tokenizer"))
+    used = {t for w in new_words for t in tokenizer.tokenize(w)}  # e.g. "orange" is or|an|g|e</w>
+    unused = [t for t in old_vocab if len(t) == 1 and t not in used]  # byte symbols in no caption: rows never move
+    assert len(unused) > 100
+    torch.testing.assert_close(after[[new_vocab[t] for t in unused]], before[[old_vocab[t] for t in unused]])
+    with pytest.raises(ValueError, match="pattern words name the patterns"):
+        pretrain(tmp_path / "m3", work_dir=tmp_path / "w3", pattern_words=True, **TINY)

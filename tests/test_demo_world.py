@@ -77,12 +77,41 @@ def test_caption_parses_back_to_the_scene():
         parsed = W.parse_prompt(s.caption())
         assert parsed["context"] == s.context
         assert parsed["unknown"] == [] and parsed["subject_index"] is None
-        want = [{"cls": o.cls, "colour": o.colour, "size": None if o.size == "medium" else o.size} for o in s.objects]
+        want = [{"cls": o.cls, "colour": o.colour, "size": None if o.size == "medium" else o.size,
+                 "pattern": None, "colour2": None} for o in s.objects]
         assert parsed["objects"] == want, s.caption()
     assert W.Scene([W.Obj("ball", "red")], "plain").caption() == "a red ball"
     two = W.Scene([W.Obj("box", "blue", "small"), W.Obj("kite", "green")], "snow")
     assert two.caption() == "a small blue box and a green kite in the snow"
     assert W.Scene([W.Obj("ball", "orange", "big")], "fabric").caption() == "a big orange ball on pink fabric"
+
+
+def test_named_patterns_parse_back_and_stay_out_of_base_captions():
+    """Scene.caption(name_patterns=True) names each two-colour pattern with its second colour; parse_prompt reads
+    it back into the object (not as an unknown word, which would mark a personal subject); by default captions
+    and shape-bound patterns stay unnamed."""
+    from fewshot_personalize.kernels.demo.world_patterns import ALL_PATTERNS, add_patterns
+
+    rng = np.random.default_rng(3)
+    named = 0
+    for s in _scenes(9, 120, p_two=0.5):
+        add_patterns(s, rng, 0.7, set(), ALL_PATTERNS)
+        assert s.caption() == W.Scene([W.Obj(o.cls, o.colour, o.size) for o in s.objects], s.context).caption()
+        parsed = W.parse_prompt(s.caption(name_patterns=True))
+        assert parsed["unknown"] == [] and parsed["subject_index"] is None and parsed["context"] == s.context
+        for o, p in zip(s.objects, parsed["objects"], strict=True):
+            shown = o.pattern in W.PATTERN_NOUNS
+            assert (p["cls"], p["colour"]) == (o.cls, o.colour)
+            assert (p["pattern"], p["colour2"]) == ((o.pattern, o.colour2) if shown else (None, None))
+            named += shown
+    assert named > 50
+    ball = W.Obj("ball", "red", "small", pattern="stripes", colour2="yellow")
+    assert ball.caption(name_pattern=True) == "a small red ball with yellow stripes"
+    assert W.Obj("toy", "blue", pattern="twotone", colour2="white").caption(True) == "a blue toy with a white half"
+    assert W.Obj("toy", "blue", pattern="creature").caption(True) == "a blue toy"
+    sks = W.parse_prompt("a sks ball with yellow stripes on the grass")
+    assert sks["unknown"] == ["sks"] and sks["subject_index"] == 0 and sks["objects"][0]["pattern"] == "stripes"
+    assert W.parse_prompt("a red toy with a hat")["unknown"] == ["with", "hat"]  # "with" alone names nothing
 
 
 def test_rendered_pixels_show_what_the_caption_says():
@@ -194,18 +223,31 @@ def test_render_prompt_puts_the_concept_in_the_asked_context():
     assert big.sum() > 2.5 * small.sum()
 
 
-def test_vocabulary_covers_every_caption_and_prompt():
+def test_vocabulary_covers_every_caption_and_prompt(tmp_path):
     words = W.all_words()
     assert len(words) == len(set(words)) and len(words) <= 60
     for ident in ("sks", "xyz", "zwx", "qrt"):
         assert ident in words
     used = {w for s in _scenes(13, 300) for w in s.caption().split()}
+    used |= set(W.Obj("ball", "red", pattern="twotone", colour2="blue").caption(True).split())
+    used |= {noun for noun in W.PATTERN_NOUNS.values()}
     for concept in C.CONCEPTS.values():
         for spec in C.PROMPTS:
             used |= set(spec.prompt(concept.phrase()).split())
     assert used <= set(words), used - set(words)
     vocab, _ = build_vocab(words)
-    assert all(w + "</w>" in vocab for w in words)  # one token per word
+    assert all(w + "</w>" in vocab for w in words)
+    # BPE applies merges by rank, so a word whose letters hold an earlier word's first merges splits up: the
+    # shipped tokenizers read "orange" as or|an|g|e and "background" in six pieces (the text encoder learns them
+    # as sequences); every other word, the pattern nouns among them, is one token
+    from transformers import CLIPTokenizer
+
+    from fewshot_personalize.kernels.testing.word_tokenizer import write_clip_tokenizer
+
+    write_clip_tokenizer(words, tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    split = {w for w in words if tokenizer.tokenize(w) != [w + "</w>"]}
+    assert split == {"orange", "background"}
 
 
 def test_holdout_restrictions_and_contrast_rules():

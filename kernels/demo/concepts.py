@@ -82,8 +82,9 @@ class PromptSpec:
 
     def expected(self, cls: str) -> dict:
         """Expected attributes in :func:`world.parse_prompt`'s format (the subject's colour is not asked)."""
-        objects = [{"cls": cls, "colour": None, "size": self.size}]
-        objects += [{"cls": c, "colour": col, "size": None} for c, col in self.others]
+        unasked = {"pattern": None, "colour2": None}
+        objects = [{"cls": cls, "colour": None, "size": self.size} | unasked]
+        objects += [{"cls": c, "colour": col, "size": None} | unasked for c, col in self.others]
         return {"context": self.context, "objects": objects}
 
 

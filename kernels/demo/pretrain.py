@@ -1,7 +1,7 @@
 """Pretrain the demo base model on the demo world, on a CPU, from scratch, in one resumable command.
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
-[--vae-minutes M] [--unet-minutes M] [--patterns S] [--pair-patterns S] [--two-objects S] [--decoder-minutes M]
+[--vae-minutes M] [--unet-minutes M] [--patterns S] [--pattern-words] [--pair-patterns S] [--two-objects S] [--decoder-minutes M]
 [--decoder-patterns S] [--deepen L] [--threads T]``
 runs five stages:
 
@@ -14,7 +14,9 @@ runs five stages:
    with ``--patterns S`` (per session) its scenes are rendered again with a share S of patterned objects
    (world_patterns.py) and encoded once more; ``--pair-patterns S`` gives its two-object scenes share S instead
    (0: pairs stay flat, since captions do not name patterns and a second colour beside another object's colour
-   blurs which colour belongs to which object); ``--two-objects S`` (per session) renders them again with a share S
+   blurs which colour belongs to which object); ``--pattern-words`` (per session) names those patterns in the
+   captions ("a red ball with yellow stripes", world.PATTERN_NOUNS; a model from before the nouns grows its text
+   encoder to them, vocabulary_growth.py); ``--two-objects S`` (per session) renders them again with a share S
    of two-object scenes instead of the run's half; ``--deepen L`` (from this session on) gives every
    cross-attention block of the trained UNet L transformer layers, the new ones starting as no-ops
    (unet_deepening.py), before this session's UNet steps;
@@ -76,12 +78,14 @@ log = logging.getLogger(__name__)
 
 def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_share: float = 0.0,
                    patterns: tuple[str, ...] | None = None, prefer_shape: float = 0.0,
-                   pair_share: float | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+                   pair_share: float | None = None,
+                   name_patterns: bool = False) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``n`` world scenes (uint8 [n, 64, 64, 3]), their captions and object masks (bool [n, 64, 64]); no
     hold-out combination appears; a share ``p_two`` has two objects; each object carries a random two-colour
     pattern with probability ``pattern_share`` (world_patterns.py; 0: the flat world, the same scenes as ever),
     drawn from ``patterns`` (default world_patterns.PATTERNS, the two-colour ones; ``prefer_shape`` as in
-    world_patterns.add_patterns); ``pair_share``: the share in two-object scenes instead (None: ``pattern_share``)."""
+    world_patterns.add_patterns); ``pair_share``: the share in two-object scenes instead (None: ``pattern_share``);
+    ``name_patterns``: captions name each two-colour pattern ("a red ball with yellow stripes", world.PATTERN_NOUNS)."""
     from .world import render, sample_scene
     from .world_patterns import PATTERNS, add_patterns, excluded_combinations
 
@@ -96,7 +100,7 @@ def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_shar
         add_patterns(scene, rng, share, excluded, patterns or PATTERNS, prefer_shape)
         im, masks[i], _ = render(scene, RESOLUTION)
         images[i] = np.asarray(im)
-        captions.append(scene.caption())
+        captions.append(scene.caption(name_patterns))
     return images, captions, masks
 
 
@@ -194,14 +198,16 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
              decoder_patterns: float = 0.0, rewarm: float | None = None,
              decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None,
-             two_objects: float | None = None, deepen: int | None = None) -> dict:
+             two_objects: float | None = None, deepen: int | None = None, pattern_words: bool = False) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
     (model.SCHEDULES; recorded per session, like the budgets, so a run may switch part-way; the folder written
     carries the last session's). ``patterns``: the share of objects that carry a random two-colour pattern in the
     scenes of this session's UNet steps (world_patterns.py; recorded per session; 0: the flat world);
-    ``pair_patterns``: the share in its two-object scenes instead (None: ``patterns``; 0 keeps pairs flat).
+    ``pair_patterns``: the share in its two-object scenes instead (None: ``patterns``; 0 keeps pairs flat);
+    ``pattern_words``: this session's captions name those patterns ("a red ball with yellow stripes"; recorded per
+    session; a model from before the pattern nouns joined the vocabulary grows its text encoder to them).
     ``two_objects``: the share of this session's UNet scenes with two objects (None: the run's setting,
     ``p_two_objects``); scenes rendered again at that share and encoded once, recorded per session.
     ``deepen``: the UNet's transformer layers per cross-attention block from this session on (unet_deepening.py;
@@ -225,6 +231,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
             raise UserInputError(f"{name} is a share of {of}, 0 to 1; got {share}")
     if deepen is not None and (not isinstance(deepen, int) or deepen < 1):
         raise UserInputError(f"deepen is a number of transformer layers per block, 1 or more; got {deepen!r}")
+    if pattern_words and patterns == 0:
+        raise UserInputError("pattern words name the patterns of a patterned session's objects; give --patterns "
+                             "above 0 as well (this session's scenes are flat)")
     if pair_patterns is not None and patterns == 0:
         raise UserInputError("pair patterns sets the pattern share of a patterned session's two-object scenes; "
                          "give --patterns above 0 as well (this session's scenes are flat)")
@@ -249,6 +258,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                "decoder_patterns": decoder_patterns,
                **({"pair_patterns": pair_patterns} if pair_patterns is not None else {}),
                **({"two_objects": two_objects} if two_objects is not None else {}),
+               **({"pattern_words": True} if pattern_words else {}),
                **({"deepen": deepen} if deepen is not None else {}),
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
@@ -269,7 +279,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                              f"of {unet_minutes:g} min); give a larger --unet-minutes so that the new layers train")
     if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
         nets = {"vae": vae} if work.stage("unet")["steps"] == 0 else {"vae": vae, "unet": unet, "text": text}
-        _load_weights(Path(from_dir), **nets)
+        _load_weights(Path(from_dir), tok_dir, **nets)
     latents_file = work.path / "latents.safetensors"
     vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
     if vae_more and work.stage("unet")["steps"] > 0:
@@ -319,7 +329,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     other_pairs = None if two_objects == P_TWO_OBJECTS else two_objects  # None: the run's share, as rendered
     if (patterns > 0 or other_pairs is not None) and unet_left:
         latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
-                                             other_pairs)
+                                             other_pairs, pattern_words)
 
     nets = with_ema(unet, text)
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
@@ -379,19 +389,22 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
 
 def _session_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
                      session: dict, pair_share: float | None = None,
-                     two_objects: float | None = None) -> tuple[torch.Tensor, list[str]]:
+                     two_objects: float | None = None,
+                     name_patterns: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Latents (scaled like the flat world's, same encoder) and captions of ``n_images`` scenes with a pattern
     share ``share`` (``pair_share`` in two-object scenes) and a share ``two_objects`` of two-object scenes (None:
-    the run's), rendered and encoded once per combination of shares and kept in the work folder."""
+    the run's), rendered and encoded once per combination of shares and kept in the work folder;
+    ``name_patterns``: the captions name the patterns (the scenes are the same)."""
     pairs = "" if pair_share is None or pair_share == share else f"_pairs{pair_share:g}"
     two = "" if two_objects is None else f"_two{two_objects:g}"
-    file = work.path / f"latents_patterns{share:g}{pairs}{two}.safetensors"
+    named = "_named" if name_patterns else ""
+    file = work.path / f"latents_patterns{share:g}{pairs}{two}{named}.safetensors"
     if file.is_file():
         tensors, meta = load_safetensors(file)
         return tensors["latents"], json.loads(meta["captions"])
     t0 = time.perf_counter()
     images, captions, _ = render_dataset(n_images, seed, P_TWO_OBJECTS if two_objects is None else two_objects,
-                                         pattern_share=share, pair_share=pair_share)
+                                         pattern_share=share, pair_share=pair_share, name_patterns=name_patterns)
     session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     latents = (encode_all(vae, images) * scale).contiguous()
     atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share),
@@ -457,13 +470,29 @@ def _continue_log(work: WorkFolder, from_dir: Path) -> None:
     work.save()
 
 
-def _load_weights(from_dir: Path, **modules: torch.nn.Module) -> None:
+def _load_weights(from_dir: Path, tokenizer_dir: Path | None = None, **modules: torch.nn.Module) -> None:
     """Copy the weights of a diffusers model folder (``vae``, ``unet``, ``text`` = text_encoder) into modules of
-    the same architecture (safetensors only, strict)."""
+    the same architecture (safetensors only, strict). A text encoder whose folder's tokenizer knows fewer words than
+    the one in ``tokenizer_dir`` (a model from before words were added to world.all_words()) is grown to it
+    (vocabulary_growth.py)."""
     files = {"vae": "vae/diffusion_pytorch_model.safetensors", "unet": "unet/diffusion_pytorch_model.safetensors",
              "text": "text_encoder/model.safetensors"}
     for name, module in modules.items():
         tensors, _ = load_safetensors(from_dir / files[name])
+        if name == "text" and tokenizer_dir is not None:
+            from transformers import CLIPTokenizer
+
+            old_vocab = CLIPTokenizer.from_pretrained(str(from_dir / "tokenizer")).get_vocab()
+            new_vocab = CLIPTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab()
+            if old_vocab != new_vocab:
+                from .vocabulary_growth import grow_text_state
+
+                try:
+                    tensors = grow_text_state(tensors, old_vocab, new_vocab)
+                except ValueError as e:
+                    raise UserInputError(f"--from {from_dir}: its tokenizer cannot grow to this version's "
+                                         f"vocabulary ({e})") from None
+                log.info("text encoder of %s grown from %d to %d tokens", from_dir, len(old_vocab), len(new_vocab))
         module.load_state_dict(tensors, strict=True)
 
 
@@ -484,6 +513,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pair-patterns", type=float,
                     help="the pattern share in the two-object scenes of this session's UNet scenes instead "
                          "(default: --patterns; 0 keeps them flat; recorded per session)")
+    ap.add_argument("--pattern-words", action="store_true",
+                    help="this session's captions name the patterns of --patterns (\"a red ball with yellow "
+                         "stripes\"; recorded per session)")
     ap.add_argument("--two-objects", type=float,
                     help=f"share of this session's UNet scenes with two objects (default {P_TWO_OBJECTS}, the run's)")
     ap.add_argument("--rewarm", type=float,
@@ -513,7 +545,7 @@ def main(argv=None) -> None:
                        session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                        decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
                        rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns,
-                       two_objects=a.two_objects, deepen=a.deepen)
+                       two_objects=a.two_objects, deepen=a.deepen, pattern_words=a.pattern_words)
     except UserInputError as e:  # the project's error policy: one line, exit 2
         ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)

@@ -37,6 +37,7 @@ __all__ = [
     "CONTEXT_PHRASES",
     "IDENTIFIERS",
     "PATTERNS",
+    "PATTERN_NOUNS",
     "PALETTE",
     "LOW_CONTRAST",
     "Obj",
@@ -73,6 +74,10 @@ PATTERNS: tuple[str, ...] = ("checker", "twotone", "xmark", "creature", "stripes
 #: the patterns drawn with a second colour (``colour2``)
 TWO_COLOUR_PATTERNS: tuple[str, ...] = ("checker", "twotone", "stripes", "dots")
 FUNCTION_WORDS: tuple[str, ...] = ("a", "an", "and")
+#: How a caption names a two-colour pattern, when a pretraining session asks it to (``Scene.caption(name_patterns=
+#: True)``): "a red ball with yellow stripes", "a blue box with white checks", "a toy with pink dots", "a red ball
+#: with a yellow half". Shape-bound patterns (a face, an X) are never named. Base captions leave patterns unnamed.
+PATTERN_NOUNS: dict[str, str] = {"stripes": "stripes", "checker": "checks", "dots": "dots", "twotone": "half"}
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (214, 38, 38),
@@ -103,11 +108,14 @@ _PLAIN_RGB = (0.77, 0.77, 0.78)
 
 
 def all_words() -> list[str]:
-    """Every word any caption or concept prompt can contain, plus the identifier words (tokenizer vocabulary)."""
+    """Every word any caption or concept prompt can contain, plus the identifier words (tokenizer vocabulary).
+    Words added later go at the end, so that a model grown to the longer list tokenizes its old captions as before
+    (vocabulary_growth.py)."""
     words: list[str] = list(FUNCTION_WORDS)
     for phrase in CONTEXT_PHRASES.values():
         words += phrase.split()
     words += [s for s in SIZES if s != "medium"] + list(COLOURS) + list(CLASSES) + list(IDENTIFIERS)
+    words += list(PATTERN_NOUNS.values())  # last: a word list extended at its end keeps the earlier words' tokens
     seen: set[str] = set()
     return [w for w in words if not (w in seen or seen.add(w))]
 
@@ -152,9 +160,11 @@ class Obj:
         lo, hi = SIZE_SCALE[self.size]
         return (lo + hi) / 2
 
-    def caption(self) -> str:
-        """``"a small red ball"`` (medium size is not named; patterns are not part of the base vocabulary)."""
-        return object_caption(self.cls, self.colour, self.size)
+    def caption(self, name_pattern: bool = False) -> str:
+        """``"a small red ball"`` (medium size is not named); with ``name_pattern`` a two-colour pattern is named
+        too (:data:`PATTERN_NOUNS`): ``"a small red ball with yellow stripes"``."""
+        return object_caption(self.cls, self.colour, self.size,
+                              *((self.pattern, self.colour2) if name_pattern else ()))
 
     def bbox(self) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) of the drawn shape, in fractions of the image side."""
@@ -164,11 +174,17 @@ class Obj:
         return (self.x + u0 * s, self.y + v0 * s, self.x + u1 * s, self.y + v1 * s)
 
 
-def object_caption(cls: str, colour: str | None = None, size: str | None = None) -> str:
-    """Noun phrase with the right article: ``object_caption("ball", "orange", "big") == "a big orange ball"``."""
+def object_caption(cls: str, colour: str | None = None, size: str | None = None, pattern: str | None = None,
+                   colour2: str | None = None) -> str:
+    """Noun phrase with the right article: ``object_caption("ball", "orange", "big") == "a big orange ball"``; a
+    two-colour ``pattern`` of :data:`PATTERN_NOUNS` with its ``colour2`` adds ``"with yellow stripes"`` (``"with a
+    yellow half"`` for two-tone); other patterns are not named."""
     words = [w for w in (size if size != "medium" else None, colour, cls) if w]
     article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
+    phrase = " ".join([article, *words])
+    if pattern in PATTERN_NOUNS and colour2 is not None:
+        phrase += f" with a {colour2} half" if pattern == "twotone" else f" with {colour2} {PATTERN_NOUNS[pattern]}"
+    return phrase
 
 
 @dataclass
@@ -183,17 +199,22 @@ class Scene:
         if self.context not in CONTEXTS:
             raise ValueError(f"unknown context {self.context!r}; expected one of {CONTEXTS}")
 
-    def caption(self) -> str:
-        """The scene's caption, e.g. ``"a small blue box and a green kite in the snow"``; plain: ``"a red ball"``."""
-        parts = [" and ".join(o.caption() for o in self.objects), CONTEXT_PHRASES[self.context]]
+    def caption(self, name_patterns: bool = False) -> str:
+        """The scene's caption, e.g. ``"a small blue box and a green kite in the snow"``; plain: ``"a red ball"``;
+        ``name_patterns``: two-colour patterns named (:meth:`Obj.caption`)."""
+        parts = [" and ".join(o.caption(name_patterns) for o in self.objects), CONTEXT_PHRASES[self.context]]
         return " ".join(p for p in parts if p)
+
+
+_PATTERN_OF_NOUN = {noun: pattern for pattern, noun in PATTERN_NOUNS.items()}
 
 
 def parse_prompt(prompt: str) -> dict:
     """Attributes a caption or prompt asks for, read with the world's vocabulary.
 
-    Returns ``{"context": str, "objects": [{"cls", "colour", "size"}...], "unknown": [words],
-    "subject_index": int | None}``; colour and size are ``None`` where not stated, words outside the vocabulary
+    Returns ``{"context": str, "objects": [{"cls", "colour", "size", "pattern", "colour2"}...], "unknown": [words],
+    "subject_index": int | None}``; colour, size and pattern are ``None`` where not stated (a pattern is stated as
+    in ``"a red ball with yellow stripes"``, :data:`PATTERN_NOUNS`), words outside the vocabulary
     (identifiers such as ``sks``) land in ``unknown``, and ``subject_index`` is the first object whose phrase
     holds such a word (the personal subject in "a sks toy and a red ball"). The context phrase is matched first, so "pink" in "on pink fabric" is not an object colour.
     """
@@ -213,7 +234,13 @@ def parse_prompt(prompt: str) -> dict:
         words = chunk.split()
         if not words:
             continue
-        obj: dict = {"cls": None, "colour": None, "size": None}
+        obj: dict = {"cls": None, "colour": None, "size": None, "pattern": None, "colour2": None}
+        if "with" in words:  # "… with yellow stripes", "… with a yellow half": the object's pattern
+            at = words.index("with")
+            tail = [w for w in words[at + 1:] if w not in FUNCTION_WORDS]
+            if tail and tail[-1] in _PATTERN_OF_NOUN and (len(tail) == 1 or len(tail) == 2 and tail[0] in COLOURS):
+                obj["pattern"], obj["colour2"] = _PATTERN_OF_NOUN[tail[-1]], (tail[0] if len(tail) == 2 else None)
+                words = words[:at]
         strange = [w for w in words if w not in CLASSES + COLOURS + SIZES + FUNCTION_WORDS]
         for w in words:
             if w in CLASSES:

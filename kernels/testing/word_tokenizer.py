@@ -3,8 +3,11 @@
 Real CLIP vocabularies cannot be downloaded here. This writes ``vocab.json`` + ``merges.txt`` in the exact
 format of OpenAI's CLIP tokenizer (byte-to-unicode alphabet, ``</w>`` word ends, ``<|startoftext|>`` /
 ``<|endoftext|>``), so ``transformers.CLIPTokenizer.from_pretrained`` and ComfyUI's ``SD1Tokenizer`` read it
-like the real one. Every listed word becomes one token; any other text still tokenizes (into characters),
-and new tokens can be added as usual.
+like the real one. Each listed word gets a ``word</w>`` token, and most words tokenize to it; since BPE applies
+merges by rank, a word whose letters start an earlier word's merges can split instead (the demo vocabulary's
+"orange" reads or|an|g|e). Words appended to a list leave the earlier words' tokenization as it was (their merges
+rank after all earlier ones). Any other text still tokenizes (into characters), and new tokens can be added as
+usual.
 """
 
 from __future__ import annotations
