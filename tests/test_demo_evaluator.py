@@ -218,6 +218,13 @@ def test_evaluate_parses_the_prompt(ev):
     assert set(out) >= {"prompt_fidelity", "subject_fidelity", "pattern_fidelity", "diversity", "n_images"}
     assert out["prompt_fidelity"] >= 0.8 and out["subject_fidelity"] >= 0.8 and out["pattern_fidelity"] >= 0.6
     json.dumps(out)  # plain numbers, ready for a results file
+    # the same subject described in plain words: no identifier marks it, so the caller names its class, and the
+    # fidelities are those of the identifier's prompt (its colour and pattern words change nothing there)
+    described = spec.prompt("red toy with yellow dots")
+    assert W.parse_prompt(described)["subject_index"] is None
+    words = E.evaluate(imgs, described, [r[0] for r in refs], [r[1] for r in refs], evaluator=ev, subject_cls="toy")
+    assert {k: words[k] for k in ("subject_fidelity", "pattern_fidelity")} == \
+        {k: out[k] for k in ("subject_fidelity", "pattern_fidelity")}
 
 
 def test_noise_is_not_a_scene_and_earns_nothing(ev):

@@ -540,17 +540,19 @@ class Evaluator:
         off = s[~torch.eye(n, dtype=torch.bool)]
         return float(1 - off.mean())
 
-    def evaluate(self, images, prompt: str, references=None, ref_masks=None) -> dict:
+    def evaluate(self, images, prompt: str, references=None, ref_masks=None, subject_cls: str | None = None) -> dict:
         """All metrics for the images of one prompt: prompt fidelity from the prompt parsed with the world's
-        vocabulary, subject fidelity against ``references`` (blobs of the subject's class), diversity, and the
-        share of images that are scenes at all (``scene_rate``; noise scores 0 everywhere, see :meth:`is_scene`)."""
+        vocabulary, subject fidelity against ``references`` (blobs of the subject's class: the class of the object
+        the identifier stands in, or ``subject_cls`` for a prompt that describes the subject in plain words),
+        diversity, and the share of images that are scenes at all (``scene_rate``; noise scores 0 everywhere, see
+        :meth:`is_scene`)."""
         expected = world.parse_prompt(prompt)
         x = to_batch(images)
         out: dict = {"prompt": prompt, "expected": {k: expected[k] for k in ("context", "objects")},
                      "prompt_fidelity": self.prompt_fidelity(x, expected), "n_images": int(x.shape[0]),
                      "scene_rate": float(self.is_scene(x).float().mean())}
         idx = expected.get("subject_index")
-        cls = expected["objects"][idx]["cls"] if idx is not None else None
+        cls = expected["objects"][idx]["cls"] if idx is not None else subject_cls
         if references is not None:
             out |= self.fidelities(x, references, ref_masks, cls)
         if x.shape[0] >= 2:
@@ -563,9 +565,10 @@ def _default_evaluator() -> Evaluator:
     return Evaluator.load()
 
 
-def evaluate(images, prompt: str, references=None, ref_masks=None, evaluator: Evaluator | None = None) -> dict:
+def evaluate(images, prompt: str, references=None, ref_masks=None, evaluator: Evaluator | None = None,
+             subject_cls: str | None = None) -> dict:
     """Convenience: :meth:`Evaluator.evaluate` with the shipped evaluator."""
-    return (evaluator or _default_evaluator()).evaluate(images, prompt, references, ref_masks)
+    return (evaluator or _default_evaluator()).evaluate(images, prompt, references, ref_masks, subject_cls)
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -180,18 +180,20 @@ def personalize(pipe, concept: str, recipe: Recipe, seed: int,
 
 
 def score(evaluator, pipe, concept: str, seed: int, images_per_prompt: int = 2,
-          personalized: Personalized | None = None) -> dict:
-    """Sample every held-out prompt and the bare class prompt; return per-prompt and mean metrics."""
+          personalized: Personalized | None = None, described: str | None = None) -> dict:
+    """Sample every held-out prompt and the bare class prompt; return per-prompt and mean metrics. ``described``:
+    the subject written in plain words instead of its identifier phrase (``"red ball with yellow stripes"``: what
+    the base model draws from a description alone)."""
     c = get_concept(concept)
     refs = reference_images(c, seed=seed)
     ref_imgs, ref_masks = [im for im, _ in refs], np.stack([m for _, m in refs])
-    phrase = personalized.recipe.phrase(c) if personalized else c.phrase()
+    phrase = described or (personalized.recipe.phrase(c) if personalized else c.phrase())
     adapters = personalized.adapters if personalized else None
     per_prompt = []
     for k, spec in enumerate(prompt_specs(c)):
         prompt = spec.prompt(phrase)
         imgs = sample(pipe, prompt, images_per_prompt, seed * 1000 + k, adapters)
-        m = evaluator.evaluate(imgs, prompt, ref_imgs, ref_masks)
+        m = evaluator.evaluate(imgs, prompt, ref_imgs, ref_masks, subject_cls=c.cls if described else None)
         m["prompt_fidelity"] = evaluator.prompt_fidelity(imgs, spec.expected(c.cls))
         per_prompt.append(m)
     class_imgs = sample(pipe, f"a {c.cls}", 4, seed * 1000 + 999, adapters)
