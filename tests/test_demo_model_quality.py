@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,6 +81,24 @@ def test_both_objects_right_needs_each_object_once(ev):
     alone = [W.render(W.Scene([s.objects[0]], s.context, s.texture_seed))[0] for s in scenes]
     half = Q.both_objects_right(ev, alone, [s.caption() for s in scenes])
     assert half["both"] <= 0.2 and half["objects"] <= 0.6
+    assert len(right["hits"]) == 6 and np.mean(right["hits"]) == right["both"]
+    paired = Q.paired_difference(half["hits"], right["hits"])  # both objects shown beats one shown, caption by caption
+    assert paired["difference"] == right["both"] - half["both"] > 0 and paired["only_b"] >= 4
+
+
+def test_paired_difference_counts_only_discordant_captions():
+    a = [True, True, False, False, True, False]
+    b = [True, False, True, True, True, False]
+    d = Q.paired_difference(a, b)
+    assert (d["only_a"], d["only_b"], d["captions"]) == (1, 2, 6) and d["difference"] == pytest.approx(1 / 6)
+    assert d["sign_test_p"] == pytest.approx(1.0)  # 1 against 2 discordant: no evidence either way
+    assert d["standard_error"] == pytest.approx(np.sqrt(3 - 1 / 6) / 6)
+    strong = Q.paired_difference([False] * 12, [True] * 10 + [False] * 2)
+    assert strong["sign_test_p"] == pytest.approx(2 / 2 ** 10) and strong["difference"] == pytest.approx(10 / 12)
+    assert Q.paired_difference(a, a) == {"difference": 0.0, "standard_error": 0.0, "only_a": 0, "only_b": 0,
+                                         "sign_test_p": 1.0, "captions": 6}
+    with pytest.raises(ValueError, match="same captions"):
+        Q.paired_difference(a, b[:3])
 
 
 def test_two_object_failures_are_told_apart(ev):

@@ -112,7 +112,9 @@ def both_objects_right(evaluator, images, captions: list[str]) -> dict:
     share of images that miss, by the first kind of miss: an object not drawn at all (``missing``: fewer blobs than
     asked), drawn in another colour (``wrong_colour``: its class is among the unmatched blobs), as another class
     (``wrong_class``: its colour is), or neither (``other``). The two "wrong" kinds are attribute binding failures
-    (Chefer et al., Attend-and-Excite, SIGGRAPH 2023, §1: one object's class or colour taken by the other)."""
+    (Chefer et al., Attend-and-Excite, SIGGRAPH 2023, §1: one object's class or colour taken by the other).
+    ``hits``: per caption, whether both were right (for a paired comparison of two models on the same captions and
+    seeds, :func:`paired_difference`)."""
     both, found_objects = [], []
     failures = dict.fromkeys(("missing", "wrong_colour", "wrong_class", "other"), 0)
     for rec, caption in zip(evaluator.recognise(images), captions):
@@ -140,7 +142,25 @@ def both_objects_right(evaluator, images, captions: list[str]) -> dict:
             failures[kind] += 1
     n = max(1, len(captions))
     return {"both": float(np.mean(both)), "objects": float(np.mean(found_objects)), "captions": len(captions),
-            "failures": {k: v / n for k, v in failures.items()}}
+            "failures": {k: v / n for k, v in failures.items()}, "hits": [bool(b) for b in both]}
+
+
+def paired_difference(hits_a: list[bool], hits_b: list[bool]) -> dict:
+    """B's rate minus A's on the same captions and seeds, with its standard error from the discordant pairs
+    (McNemar's view: only captions one model gets right and the other not carry information) and the exact
+    two-sided sign-test p-value over those pairs."""
+    from math import comb
+
+    if len(hits_a) != len(hits_b) or not hits_a:
+        raise ValueError(f"paired hits need the same captions: got {len(hits_a)} and {len(hits_b)}")
+    a, b = np.asarray(hits_a, bool), np.asarray(hits_b, bool)
+    only_b, only_a, n = int((b & ~a).sum()), int((a & ~b).sum()), len(a)
+    diff = (only_b - only_a) / n
+    se = float(np.sqrt(max(only_a + only_b - (only_b - only_a) ** 2 / n, 0.0)) / n)
+    k, m = min(only_a, only_b), only_a + only_b
+    p = min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"difference": diff, "standard_error": se, "only_a": only_a, "only_b": only_b, "sign_test_p": p,
+            "captions": n}
 
 
 def breakdown(evaluator, images, captions: list[str], by: str) -> dict[str, dict[str, float]]:
@@ -178,7 +198,14 @@ def main(argv=None) -> None:
     ap.add_argument("--captions", type=int, default=80, help="captions per set (default 80; held-out: a fifth per "
                                                                  "held-out combination)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paired-with", help="a JSON this command wrote for another model with the same --captions: "
+                                          "adds the two-object difference paired caption by caption")
     a = ap.parse_args(argv)
+    earlier = None
+    if a.paired_with:
+        earlier = json.loads(Path(a.paired_with).read_text())["two_objects"]
+        if "hits" not in earlier or len(earlier["hits"]) != a.captions:
+            ap.exit(2, f"error: {a.paired_with} holds no per-caption hits for {a.captions} two-object captions\n")
     per_combination = max(1, a.captions // len(HOLDOUT))
     torch.set_num_threads(a.threads)
     pipe = load_pipeline(a.model or str(demo_model_path()))
@@ -196,7 +223,11 @@ def main(argv=None) -> None:
     seen_imgs = [kept[c][0] for c in seen]
     result["seen_by_class"] = breakdown(ev, seen_imgs, seen, "cls")
     result["seen_by_context"] = breakdown(ev, seen_imgs, seen, "context")
-    print(json.dumps({k: result[k] for k in ("held_out", "seen", "two_objects", "two_objects_ideal_renders")}, indent=1))
+    if earlier is not None:
+        result["two_objects_paired"] = {"with": a.paired_with} | paired_difference(earlier["hits"],
+                                                                                 result["two_objects"]["hits"])
+    shown = ("held_out", "seen", "two_objects", "two_objects_ideal_renders", "two_objects_paired")
+    print(json.dumps({k: {i: v for i, v in result[k].items() if i != "hits"} for k in shown if k in result}, indent=1))
     for by in ("seen_by_class", "seen_by_context"):
         print(by, {v: f"{r['all']:.2f} (cls {r['cls']:.2f}, colour {r['colour']:.2f}, context {r['context']:.2f}, n {r['n']})"
                    for v, r in result[by].items()})

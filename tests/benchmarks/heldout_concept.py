@@ -43,7 +43,7 @@ METRICS = BENCH_METRICS[:5]  # the quality bench's, less the training time
 RECIPES = (next(r for r in METHODS if r.unet_targets != (ALL_LAYERS,) and r.prior and r.text and r.method ==
                 DEFAULT_METHOD.method), DEFAULT_METHOD)
 #: the base model's row that names the concept in plain words instead of training it (world.PATTERN_NOUNS)
-DESCRIBED_ROW = f'base model, "a {HELDOUT.description} …"'
+DESCRIBED_ROW = f'base model, "{HELDOUT.description} …"'
 SHOWN = ("a {} on the beach", "a {} in the snow", "a {} at night", "a big {} on the grass",
          "a {} with a city in the background")
 
