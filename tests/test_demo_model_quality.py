@@ -154,3 +154,19 @@ def test_breakdown_finds_the_context_a_model_gets_wrong(ev):
     assert by_context["grass"]["context"] >= 0.75 and by_context["beach"]["context"] >= 0.75
     by_class = Q.breakdown(ev, images_for(captions), captions, "cls")
     assert set(by_class) == {"ball", "box"} and all(r["n"] == 6 for r in by_class.values())
+
+
+def test_paired_with_refuses_a_file_it_cannot_pair(tmp_path, capsys):
+    """--paired-with needs a JSON of this command with per-caption hits for as many captions: else exit 2 and one
+    line, before any model loads."""
+    import json
+
+    for content, message in (("{}", "not a JSON this command wrote"),
+                             (json.dumps({"two_objects": {"hits": [True] * 5}}), "no per-caption hits for 80")):
+        (tmp_path / "earlier.json").write_text(content)
+        with pytest.raises(SystemExit) as e:
+            Q.main(["--paired-with", str(tmp_path / "earlier.json")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        Q.main(["--paired-with", str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "No such file" in capsys.readouterr().err

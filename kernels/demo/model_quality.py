@@ -203,7 +203,10 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     earlier = None
     if a.paired_with:
-        earlier = json.loads(Path(a.paired_with).read_text())["two_objects"]
+        try:
+            earlier = json.loads(Path(a.paired_with).read_text())["two_objects"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.exit(2, f"error: --paired-with {a.paired_with}: not a JSON this command wrote ({e})\n")
         if "hits" not in earlier or len(earlier["hits"]) != a.captions:
             ap.exit(2, f"error: {a.paired_with} holds no per-caption hits for {a.captions} two-object captions\n")
     per_combination = max(1, a.captions // len(HOLDOUT))
