@@ -220,7 +220,6 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     recorded in the stage so that later sessions of the same extension keep it; without it the one schedule of the
     whole run stretches to the new budget, and an extension of a finished run trains at its cooldown's tail."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
     if rewarm is not None and not 0.0 < rewarm <= 1.0:
         raise UserInputError(f"rewarm is a share of the peak learning rate, above 0 and at most 1; got {rewarm}")
@@ -263,10 +262,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
-    tok_dir = work.path / "tokenizer"
-    unet, vae, text, _, scheduler = build_untrained(tok_dir, seed, latent_channels=settings["latent_channels"],
-                                                    schedule=schedule)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    unet, vae, text, tokenizer, scheduler = build_untrained(work.path / "tokenizer", seed, schedule=schedule,
+                                                            latent_channels=settings["latent_channels"])
     depth = work.stage("unet").get("transformer_layers", transformer_layers(unet))
     if depth != transformer_layers(unet):  # an earlier session deepened the UNet: load into its architecture
         unet = deepen_unet(unet, depth, seed)
@@ -279,7 +276,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                              f"of {unet_minutes:g} min); give a larger --unet-minutes so that the new layers train")
     if seeded:  # a folder written after the VAE stage only (--unet-minutes 0) carries a VAE and nothing else
         nets = {"vae": vae} if work.stage("unet")["steps"] == 0 else {"vae": vae, "unet": unet, "text": text}
-        _load_weights(Path(from_dir), tok_dir, **nets)
+        _load_weights(Path(from_dir), tokenizer.get_vocab(), **nets)
     latents_file = work.path / "latents.safetensors"
     vae_more = vae_minutes * 60 > work.stage("vae")["done_s"]
     if vae_more and work.stage("unet")["steps"] > 0:
@@ -470,29 +467,28 @@ def _continue_log(work: WorkFolder, from_dir: Path) -> None:
     work.save()
 
 
-def _load_weights(from_dir: Path, tokenizer_dir: Path | None = None, **modules: torch.nn.Module) -> None:
+def _load_weights(from_dir: Path, vocab: dict[str, int] | None = None, **modules: torch.nn.Module) -> None:
     """Copy the weights of a diffusers model folder (``vae``, ``unet``, ``text`` = text_encoder) into modules of
     the same architecture (safetensors only, strict). A text encoder whose folder's tokenizer knows fewer words than
-    the one in ``tokenizer_dir`` (a model from before words were added to world.all_words()) is grown to it
+    ``vocab`` (this run's tokenizer; a model from before words were added to world.all_words()) is grown to it
     (vocabulary_growth.py)."""
     files = {"vae": "vae/diffusion_pytorch_model.safetensors", "unet": "unet/diffusion_pytorch_model.safetensors",
              "text": "text_encoder/model.safetensors"}
     for name, module in modules.items():
         tensors, _ = load_safetensors(from_dir / files[name])
-        if name == "text" and tokenizer_dir is not None:
+        if name == "text" and vocab is not None:
             from transformers import CLIPTokenizer
 
             old_vocab = CLIPTokenizer.from_pretrained(str(from_dir / "tokenizer")).get_vocab()
-            new_vocab = CLIPTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab()
-            if old_vocab != new_vocab:
+            if old_vocab != vocab:
                 from .vocabulary_growth import grow_text_state
 
                 try:
-                    tensors = grow_text_state(tensors, old_vocab, new_vocab)
+                    tensors = grow_text_state(tensors, old_vocab, vocab)
                 except ValueError as e:
                     raise UserInputError(f"--from {from_dir}: its tokenizer cannot grow to this version's "
                                          f"vocabulary ({e})") from None
-                log.info("text encoder of %s grown from %d to %d tokens", from_dir, len(old_vocab), len(new_vocab))
+                log.info("text encoder of %s grown from %d to %d tokens", from_dir, len(old_vocab), len(vocab))
         module.load_state_dict(tensors, strict=True)
 
 

@@ -44,6 +44,7 @@ RECIPES = (next(r for r in METHODS if r.unet_targets != (ALL_LAYERS,) and r.prio
                 DEFAULT_METHOD.method), DEFAULT_METHOD)
 #: the base model's row that names the concept in plain words instead of training it (world.PATTERN_NOUNS)
 DESCRIBED_ROW = f'base model, "{HELDOUT.description} …"'
+DESCRIBED = HELDOUT.description.removeprefix("a ")  # the subject phrase that fills the prompts
 SHOWN = ("a {} on the beach", "a {} in the snow", "a {} at night", "a big {} on the grass",
          "a {} with a city in the background")
 
@@ -81,11 +82,11 @@ def main(argv=None) -> None:
         run = {"seed": seed, "references": {k: ceiling[k] for k in CEILING},
                "references_through_vae": ceiling["through_vae"], "train_seconds": {}}
         run["base model, \"a sks ball …\""] = {k: v for k, v in score(ev, pipe, HELDOUT, seed).items() if k in METRICS}
-        run[DESCRIBED_ROW] = {k: v for k, v in score(ev, pipe, HELDOUT, seed, described=HELDOUT.description.removeprefix("a ")).items()
+        run[DESCRIBED_ROW] = {k: v for k, v in score(ev, pipe, HELDOUT, seed, described=DESCRIBED).items()
                               if k in METRICS}
         if seed == 0:
             grid_rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)], shown(),
-                          shown(phrase=HELDOUT.description.removeprefix("a "))]
+                          shown(phrase=DESCRIBED)]
             labels += ["references (seed 0)", "base model", "base model, described"]
         for recipe in RECIPES:
             t = time.perf_counter()
