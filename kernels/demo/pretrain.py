@@ -2,7 +2,7 @@
 
 ``python -m fewshot_personalize.kernels.demo.pretrain [--out DIR] [--work DIR] [--seed 0] [--images N]
 [--vae-minutes M] [--unet-minutes M] [--patterns S] [--pattern-words] [--pair-patterns S] [--two-objects S] [--decoder-minutes M]
-[--decoder-patterns S] [--deepen L] [--threads T]``
+[--decoder-patterns S] [--deepen L] [--object-weight W] [--threads T]``
 runs five stages:
 
 1. render ``N`` captioned world scenes (hold-out caption combinations excluded, model.HOLDOUT; half of them with
@@ -19,7 +19,8 @@ runs five stages:
    encoder to them, vocabulary_growth.py); ``--two-objects S`` (per session) renders them again with a share S
    of two-object scenes instead of the run's half; ``--deepen L`` (from this session on) gives every
    cross-attention block of the trained UNet L transformer layers, the new ones starting as no-ops
-   (unet_deepening.py), before this session's UNet steps;
+   (unet_deepening.py), before this session's UNet steps; ``--object-weight W`` (per session) weighs the loss on
+   object pixels W times the background's (objects cover a few percent of a scene);
 5. once the UNet's budget is spent, fine-tune the VAE's decoder alone for ``--decoder-minutes`` on the frozen
    encoder's latents (vae_training.train_decoder: the UNet's latent space does not move), and measure the VAE again;
    with ``--decoder-patterns S`` (per session) on scenes where a share S of objects carries any of the world's
@@ -52,6 +53,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +66,7 @@ from ..formats.checkpoint import load_checkpoint, save_checkpoint
 from ..formats.safetensors_io import atomic_save, load_safetensors
 from .model import DEFAULT_SCHEDULE, HOLDOUT, MODEL_DIR, RESOLUTION, SCHEDULES, VAE_CONFIG, build_untrained
 from .unet_deepening import deepen_unet, transformer_layers
-from .unet_training import caption_ids, make_optimizer, train_unet, with_ema
+from .unet_training import caption_ids, make_optimizer, object_loss_weights, train_unet, with_ema
 from .vae_training import decoder_parameters, pixel_error, to_pixels, train_decoder, train_vae
 
 N_SCENES = 32000
@@ -102,6 +104,46 @@ def render_dataset(n: int, seed: int, p_two: float = P_TWO_OBJECTS, pattern_shar
         images[i] = np.asarray(im)
         captions.append(scene.caption(name_patterns))
     return images, captions, masks
+
+
+def object_pixels(masks: np.ndarray, cell: int) -> torch.Tensor:
+    """Object pixels in each ``cell`` × ``cell`` square of the images (uint8 [n, H / cell, W / cell]): with ``cell``
+    the VAE's downsampling, how much of each latent pixel's footprint is object."""
+    if cell * cell > 255:
+        raise ValueError(f"cells of {cell}x{cell} pixels do not fit a uint8 count")
+    n, h, w = masks.shape
+    m = torch.from_numpy(np.ascontiguousarray(masks))
+    return m.view(n, h // cell, cell, w // cell, cell).sum((2, 4), dtype=torch.int32).to(torch.uint8)
+
+
+def _objects_file(latents_file: Path) -> Path:
+    """Where the object-pixel counts of a latents file's scenes are kept (``objects…`` beside ``latents…``)."""
+    return latents_file.with_name("objects" + latents_file.name[len("latents"):])
+
+
+def _save_objects(latents_file: Path, masks: np.ndarray, cell: int) -> torch.Tensor:
+    counts = object_pixels(masks, cell)
+    atomic_save({"object_pixels": counts}, _objects_file(latents_file), {"cell": str(cell)}, overwrite=True)
+    return counts
+
+
+def _latent_object_pixels(latents_file: Path, captions: list[str], render: Callable, cell: int,
+                          session: dict) -> torch.Tensor:
+    """The object-pixel counts of the scenes encoded in ``latents_file``, from its ``objects`` file, or (a work
+    folder from before they were kept) by rendering the same scenes again with ``render`` (deterministic: the
+    captions must come out the same, or the world changed and the masks cannot be recovered)."""
+    file = _objects_file(latents_file)
+    if file.is_file():
+        return load_safetensors(file)[0]["object_pixels"]
+    t0 = time.perf_counter()
+    _, again, masks = render()
+    session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
+    if again != captions:
+        raise UserInputError(f"{latents_file}: its scenes rendered again come out with other captions (the world "
+                             "has changed since they were encoded), so their object masks cannot be recovered; "
+                             "start a new --work folder for --object-weight")
+    log.info("rendered the scenes of %s again for their object masks", latents_file.name)
+    return _save_objects(latents_file, masks, cell)
 
 
 @torch.no_grad()
@@ -198,7 +240,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
              schedule: str = DEFAULT_SCHEDULE, decoder_minutes: float = 0, patterns: float = 0.0,
              decoder_patterns: float = 0.0, rewarm: float | None = None,
              decoder_prefer_shape: float = DECODER_PREFER_SHAPE, pair_patterns: float | None = None,
-             two_objects: float | None = None, deepen: int | None = None, pattern_words: bool = False) -> dict:
+             two_objects: float | None = None, deepen: int | None = None, pattern_words: bool = False,
+             object_weight: float = 1.0) -> dict:
     """Run (or continue) the stages until both budgets are spent or ``session_minutes`` have passed, then write
     ``out_dir``; returns the log. ``from_dir``: a model folder written by an earlier run of the same settings, to
     continue from where no work folder exists yet. ``schedule``: the noise schedule of this session's UNet steps
@@ -210,6 +253,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     session; a model from before the pattern nouns joined the vocabulary grows its text encoder to them).
     ``two_objects``: the share of this session's UNet scenes with two objects (None: the run's setting,
     ``p_two_objects``); scenes rendered again at that share and encoded once, recorded per session.
+    ``object_weight``: this session's UNet loss weighs each latent pixel 1 + (w − 1) × its share of object pixels
+    (unet_training.object_loss_weights; 1: the plain loss; recorded per session; the scenes' object masks are kept
+    beside their latents, and rendered again for a work folder from before).
     ``deepen``: the UNet's transformer layers per cross-attention block from this session on (unet_deepening.py;
     more than it has, and only where this session trains the UNet; recorded in the stage, so later sessions and
     ``--from`` build the deeper UNet; Adam's moments start afresh, as with ``--from``).
@@ -228,6 +274,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                             ("pair patterns", pair_patterns, "objects"), ("two objects", two_objects, "scenes")):
         if share is not None and not 0.0 <= share <= 1.0:
             raise UserInputError(f"{name} is a share of {of}, 0 to 1; got {share}")
+    if not object_weight >= 1.0:
+        raise UserInputError(f"object weight multiplies the loss on object pixels, 1 (the plain loss) or more; "
+                             f"got {object_weight}")
     if deepen is not None and (not isinstance(deepen, int) or deepen < 1):
         raise UserInputError(f"deepen is a number of transformer layers per block, 1 or more; got {deepen!r}")
     if pattern_words and patterns == 0:
@@ -259,6 +308,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                **({"two_objects": two_objects} if two_objects is not None else {}),
                **({"pattern_words": True} if pattern_words else {}),
                **({"deepen": deepen} if deepen is not None else {}),
+               **({"object_weight": object_weight} if object_weight != 1.0 else {}),
                **({"decoder_prefer_shape": decoder_prefer_shape} if decoder_patterns > 0 else {})}
     progress["sessions"].append(session)
     run_seed = seed + 1000 * session_no
@@ -314,6 +364,7 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
         latents = (mean * scale).contiguous()
         atomic_save({"latents": latents}, latents_file,
                     {"scaling_factor": repr(scale), "captions": json.dumps(captions)}, overwrite=True)
+        _save_objects(latents_file, masks, RESOLUTION // latents.shape[-1])
         scenes = (images, masks)
         del mean
         work.save()
@@ -324,9 +375,15 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
     vae.register_to_config(scaling_factor=scale)
     vae.eval()
     other_pairs = None if two_objects == P_TWO_OBJECTS else two_objects  # None: the run's share, as rendered
+    used_file, render_again = latents_file, lambda: render_dataset(n_images, seed)
     if (patterns > 0 or other_pairs is not None) and unet_left:
-        latents, captions = _session_latents(work, vae, scale, seed, n_images, patterns, session, pair_patterns,
-                                             other_pairs, pattern_words)
+        latents, captions, used_file, render_again = _session_latents(
+            work, vae, scale, seed, n_images, patterns, session, pair_patterns, other_pairs, pattern_words)
+    loss_weights = None
+    if object_weight != 1.0 and unet_left:
+        cell = RESOLUTION // latents.shape[-1]
+        counts = _latent_object_pixels(used_file, captions, render_again, cell, session)
+        loss_weights = object_loss_weights(counts, cell * cell, object_weight)
 
     nets = with_ema(unet, text)
     opt = make_optimizer(unet, text, UNET_LR, TEXT_LR)
@@ -353,7 +410,8 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                on_checkpoint=_checkpointer(work, "unet", nets, opt, session),
                session_s=max(0.0, deadline - time.perf_counter()),
                prediction_type=scheduler.config.prediction_type,
-               rewarm=(extension["from_s"], extension["from_step"], extension["peak"]) if extension else None)
+               rewarm=(extension["from_s"], extension["from_step"], extension["peak"]) if extension else None,
+               loss_weights=loss_weights)
     _decoder_stage(work, vae, session, scenes, budget_s=decoder_minutes * 60, seed=run_seed, n_images=n_images,
                    unet_done=work.stage("unet")["done_s"] >= unet_minutes * 60, measure=measure,
                    session_s=deadline - time.perf_counter(), checkpoint_every_s=checkpoint_every_s,
@@ -387,28 +445,34 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
 def _session_latents(work: WorkFolder, vae, scale: float, seed: int, n_images: int, share: float,
                      session: dict, pair_share: float | None = None,
                      two_objects: float | None = None,
-                     name_patterns: bool = False) -> tuple[torch.Tensor, list[str]]:
+                     name_patterns: bool = False) -> tuple[torch.Tensor, list[str], Path, Callable]:
     """Latents (scaled like the flat world's, same encoder) and captions of ``n_images`` scenes with a pattern
     share ``share`` (``pair_share`` in two-object scenes) and a share ``two_objects`` of two-object scenes (None:
     the run's), rendered and encoded once per combination of shares and kept in the work folder;
-    ``name_patterns``: the captions name the patterns (the scenes are the same)."""
+    ``name_patterns``: the captions name the patterns (the scenes are the same). Also returns the latents file and
+    a function that renders its scenes again (for their object masks)."""
     pairs = "" if pair_share is None or pair_share == share else f"_pairs{pair_share:g}"
     two = "" if two_objects is None else f"_two{two_objects:g}"
     named = "_named" if name_patterns else ""
     file = work.path / f"latents_patterns{share:g}{pairs}{two}{named}.safetensors"
+
+    def render():
+        return render_dataset(n_images, seed, P_TWO_OBJECTS if two_objects is None else two_objects,
+                              pattern_share=share, pair_share=pair_share, name_patterns=name_patterns)
+
     if file.is_file():
         tensors, meta = load_safetensors(file)
-        return tensors["latents"], json.loads(meta["captions"])
+        return tensors["latents"], json.loads(meta["captions"]), file, render
     t0 = time.perf_counter()
-    images, captions, _ = render_dataset(n_images, seed, P_TWO_OBJECTS if two_objects is None else two_objects,
-                                         pattern_share=share, pair_share=pair_share, name_patterns=name_patterns)
+    images, captions, masks = render()
     session["render_s"] = session.get("render_s", 0.0) + time.perf_counter() - t0
     latents = (encode_all(vae, images) * scale).contiguous()
     atomic_save({"latents": latents}, file, {"captions": json.dumps(captions), "pattern_share": repr(share),
                                              "two_objects": repr(two_objects)}, overwrite=True)
+    _save_objects(file, masks, RESOLUTION // latents.shape[-1])
     log.info("rendered and encoded %d scenes with pattern share %g, two-object share %s", n_images, share,
              two_objects)
-    return latents, captions
+    return latents, captions, file, render
 
 
 def _decoder_stage(work: WorkFolder, vae, session: dict, scenes, *, budget_s: float, seed: int, n_images: int,
@@ -514,6 +578,9 @@ def main(argv=None) -> None:
                          "stripes\"; recorded per session)")
     ap.add_argument("--two-objects", type=float,
                     help=f"share of this session's UNet scenes with two objects (default {P_TWO_OBJECTS}, the run's)")
+    ap.add_argument("--object-weight", type=float, default=1.0,
+                    help="this session's UNet loss weighs object pixels this many times the background's "
+                         "(per latent pixel by its object share; default 1, the plain loss)")
     ap.add_argument("--rewarm", type=float,
                     help="extending the UNet's budget: warm up again to this share of the peak learning rate and "
                          "cool down over the extension (default: the whole run's schedule stretches)")
@@ -541,7 +608,8 @@ def main(argv=None) -> None:
                        session_minutes=a.session_minutes, from_dir=a.from_dir, schedule=a.schedule,
                        decoder_minutes=a.decoder_minutes, patterns=a.patterns, decoder_patterns=a.decoder_patterns,
                        rewarm=a.rewarm, decoder_prefer_shape=a.decoder_prefer_shape, pair_patterns=a.pair_patterns,
-                       two_objects=a.two_objects, deepen=a.deepen, pattern_words=a.pattern_words)
+                       two_objects=a.two_objects, deepen=a.deepen, pattern_words=a.pattern_words,
+                       object_weight=a.object_weight)
     except UserInputError as e:  # the project's error policy: one line, exit 2
         ap.exit(2, f"error: {e}\n")
     log.info("done: %.0f CPU minutes in %d session(s) → %s", rec["cpu_minutes"], len(rec["sessions"]), a.out)

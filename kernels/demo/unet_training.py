@@ -8,7 +8,8 @@ what gets saved. Learning rate: warm-up over 100 steps, constant, then a linear 
 budget is). A run extended after its cooldown can be re-warmed and re-decayed (Gupta et al. 2023, "Continual
 pre-training of large language models: how to (re)warm your model?"; Ibrahim et al. 2024, "Simple and scalable
 strategies to continually pre-train large language models"): the extension gets a schedule of its own, warm-up to
-a share of the peak, then its own cooldown.
+a share of the peak, then its own cooldown. An optional per-pixel loss weight (``loss_weights``) turns the mean
+squared error into a weighted mean per sample (see :func:`object_loss_weights`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import numpy as np
 import torch
 
+from ..core.losses import per_sample_mse
 from ..core.noise_schedule import NoiseSchedule
 from .time_budget import OnCheckpoint, TimeBudget
 
@@ -59,6 +61,16 @@ def caption_ids(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Ten
     return ids[:-1], ids[-1]
 
 
+def object_loss_weights(object_pixels: torch.Tensor, cell_pixels: int, weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights [N, 1, h, w] = 1 + (``weight`` − 1) × the share of the latent pixel's image
+    cell (``cell_pixels`` image pixels) covered by objects; ``object_pixels``: those counts [N, h, w] (uint8).
+    Objects take a few percent of a world scene, so the plain loss is mostly background; a weight above 1 spends
+    more of it on what captions name (the masked / foreground-weighted loss of personalization recipes, here on
+    the base model's own data)."""
+    share = object_pixels.to(torch.float32).unsqueeze(1) / cell_pixels
+    return 1.0 + (weight - 1.0) * share
+
+
 def make_optimizer(unet, text, lr: float = 5e-4, text_lr: float = 2e-4) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": list(unet.parameters()), "lr": lr},
                               {"params": list(text.parameters()), "lr": text_lr}], weight_decay=1e-2)
@@ -69,12 +81,14 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
                done_steps: int, seed: int, base_lrs: tuple[float, float], batch: int = 32, ema_decay: float = 0.999,
                p_uncond: float = 0.1, cooldown: float = 0.2, checkpoint_every_s: float = 300.0,
                on_checkpoint: OnCheckpoint | None = None, session_s: float = float("inf"),
-               prediction_type: str = "epsilon", rewarm: tuple[float, int, float] | None = None) -> dict:
+               prediction_type: str = "epsilon", rewarm: tuple[float, int, float] | None = None,
+               loss_weights: torch.Tensor | None = None) -> dict:
     """``nets``: ``unet``, ``text`` and their EMA copies ``ema_unet``, ``ema_text``. Trains until ``budget_s``
     seconds have been spent in all sessions or ``session_s`` in this one; ``done_steps`` continues the warm-up and EMA counters.
     ``on_checkpoint(done_s, steps_total, losses)`` every ``checkpoint_every_s`` and at the end. ``rewarm`` =
     (seconds, steps, peak): from that point of the run on, the learning rate follows :func:`lr_factor` afresh over
-    the rest of the budget, scaled by ``peak``."""
+    the rest of the budget, scaled by ``peak``. ``loss_weights``: one weight map per latent ([N, 1, h, w]); each
+    sample's loss is then the weighted mean of its squared errors (None: the plain mean)."""
     unet, text, ema_unet, ema_text = nets["unet"], nets["text"], nets["ema_unet"], nets["ema_text"]
     g = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule(alphas_cumprod, prediction_type)
@@ -96,7 +110,11 @@ def train_unet(nets: dict[str, torch.nn.Module], optimizer: torch.optim.Optimize
         factor = scheduled_factor(step, clock.spent, budget_s, cooldown, rewarm)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, text(tok)[0]).sample, schedule.target(x0, noise, t))
+        pred, target = unet(x_t, t, text(tok)[0]).sample, schedule.target(x0, noise, t)
+        if loss_weights is None:
+            loss = torch.nn.functional.mse_loss(pred, target)
+        else:
+            loss = per_sample_mse(pred, target, loss_weights[idx]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
