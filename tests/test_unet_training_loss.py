@@ -111,5 +111,6 @@ def test_object_weight_is_a_per_session_setting_and_masks_are_kept_or_rendered_a
                     patterns=0.5, object_weight=2.0, **TINY)
     assert rec2["sessions"][-1]["object_weight"] == 2.0
     assert (tmp_path / "w" / "objects_patterns0.5.safetensors").is_file()
-    with pytest.raises(ValueError, match="object weight"):
-        pretrain(tmp_path / "m", work_dir=tmp_path / "w", object_weight=0.5, **TINY)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="object weight"):
+            pretrain(tmp_path / "m", work_dir=tmp_path / "w", object_weight=bad, **TINY)

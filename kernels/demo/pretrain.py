@@ -274,9 +274,9 @@ def pretrain(out_dir: str | Path = MODEL_DIR, *, work_dir: str | Path | None = N
                             ("pair patterns", pair_patterns, "objects"), ("two objects", two_objects, "scenes")):
         if share is not None and not 0.0 <= share <= 1.0:
             raise UserInputError(f"{name} is a share of {of}, 0 to 1; got {share}")
-    if not object_weight >= 1.0:
-        raise UserInputError(f"object weight multiplies the loss on object pixels, 1 (the plain loss) or more; "
-                             f"got {object_weight}")
+    if not 1.0 <= object_weight < float("inf"):
+        raise UserInputError("object weight multiplies the loss on object pixels: a finite number, 1 (the plain "
+                             f"loss) or more; got {object_weight}")
     if deepen is not None and (not isinstance(deepen, int) or deepen < 1):
         raise UserInputError(f"deepen is a number of transformer layers per block, 1 or more; got {deepen!r}")
     if pattern_words and patterns == 0:
