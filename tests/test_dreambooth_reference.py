@@ -11,7 +11,8 @@ Demo model 2 (v-prediction) changes every number, so the fixture was recorded ag
 (``python tests/test_dreambooth_reference.py``, the same runs); it now guards the loop against unintended change.
 Demo model 2h (its UNet and text encoder trained further) was recorded the same way. Demo model 2i differs from 2h
 only in the VAE's decoder, which these runs never use (their class images are given, not sampled), so 2h's
-recording holds for it unchanged.
+recording held for it unchanged. Demo model 2j (2i's UNet and text encoder trained further, its tokenizer grown)
+changes the numbers again and was recorded the same way.
 """
 
 import json
@@ -83,7 +84,7 @@ def record(path: Path = FIXTURE) -> None:
         losses, files = _run(run, json.loads(meta[run]))
         out[f"{run}/losses"] = losses
         out.update({f"{run}/{k}": v for k, v in files.items()})
-    meta = meta | {"recorded_with": "the method-generic loop on demo model 2h", "torch": torch.__version__}
+    meta = meta | {"recorded_with": "the method-generic loop on demo model 2j", "torch": torch.__version__}
     atomic_save(out, path, metadata=meta, overwrite=True)
 
 
