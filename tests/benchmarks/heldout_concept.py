@@ -13,6 +13,9 @@ pretrained with pattern words (pretrain --pattern-words) may draw it untrained, 
 class, pattern and colours is held out.
 
     python tests/benchmarks/heldout_concept.py [--seeds 3] [--threads 1]
+
+The record's picture shows seed 0 only; ``--show-seeds 1,2`` trains the default recipe at those seeds and writes
+``<out>_seeds.png`` (references and the five shown contexts per seed), to look at the other runs as well.
 """
 
 from __future__ import annotations
@@ -67,8 +70,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "heldout_concept")
+    ap.add_argument("--show-seeds", help="only draw the default recipe's shown contexts at these seeds, e.g. 1,2")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.show_seeds:
+        show_seeds([int(s) for s in a.show_seeds.split(",")], a.out)
+        return
     ev, pipe = Evaluator.load(), demo_pipeline()
     start = time.perf_counter()
     runs, grid_rows, labels = [], [], []
@@ -109,6 +116,20 @@ def main(argv=None) -> None:
                label_width=170).save(a.out.with_suffix(".png"))
     a.out.with_suffix(".md").write_text(render(record))
     print(render(record))
+
+
+def show_seeds(seeds: list[int], out: Path) -> None:
+    """The default recipe's row of the picture (the same prompts and sampling seeds) at other training seeds."""
+    pipe = demo_pipeline()
+    rows, labels = [], []
+    for seed in seeds:
+        done = personalize(pipe, HELDOUT, DEFAULT_METHOD, seed)
+        rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)],
+                 [sample(pipe, p.format("sks ball"), 1, 7 + k, done.adapters)[0] for k, p in enumerate(SHOWN)]]
+        labels += [f"references (seed {seed})", f"{DEFAULT_METHOD.name}, seed {seed}"]
+        done.remove()
+    image_grid(rows, labels, [p.format("sks ball") for p in SHOWN], cell=96,
+               label_width=170).save(out.with_name(out.name + "_seeds.png"))
 
 
 def render(record: dict) -> str:
