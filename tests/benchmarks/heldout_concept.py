@@ -57,6 +57,15 @@ def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
     return float(v.mean()), float(v.std())
 
 
+def shown(pipe, adapters=None, phrase: str = "sks ball") -> list:
+    """One sample of each shown prompt: a row of the picture (sampling seeds 7.., the same in every row)."""
+    return [sample(pipe, p.format(phrase), 1, 7 + k, adapters)[0] for k, p in enumerate(SHOWN)]
+
+
+def save_grid(rows: list[list], labels: list[str], path: Path) -> None:
+    image_grid(rows, labels, [p.format("sks ball") for p in SHOWN], cell=96, label_width=170).save(path)
+
+
 def _shown_path(path: Path) -> str:
     """The model folder relative to the repository when it lies inside it (the shipped model), else as given."""
     try:
@@ -80,10 +89,6 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     runs, grid_rows, labels = [], [], []
 
-    def shown(adapters=None, phrase="sks ball"):
-        """One sample of each shown prompt (seed 0's grid row)."""
-        return [sample(pipe, p.format(phrase), 1, 7 + k, adapters)[0] for k, p in enumerate(SHOWN)]
-
     for seed in range(a.seeds):
         ceiling = reference_score(ev, HELDOUT, seed, pipe)
         run = {"seed": seed, "references": {k: ceiling[k] for k in CEILING},
@@ -92,8 +97,8 @@ def main(argv=None) -> None:
         run[DESCRIBED_ROW] = {k: v for k, v in score(ev, pipe, HELDOUT, seed, described=DESCRIBED).items()
                               if k in METRICS}
         if seed == 0:
-            grid_rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)], shown(),
-                          shown(phrase=DESCRIBED)]
+            grid_rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)], shown(pipe),
+                          shown(pipe, phrase=DESCRIBED)]
             labels += ["references (seed 0)", "base model", "base model, described"]
         for recipe in RECIPES:
             t = time.perf_counter()
@@ -102,7 +107,7 @@ def main(argv=None) -> None:
             run[recipe.name] = {k: v for k, v in score(ev, pipe, HELDOUT, seed, personalized=done).items()
                                 if k in METRICS}
             if seed == 0:
-                grid_rows.append(shown(done.adapters))
+                grid_rows.append(shown(pipe, done.adapters))
                 labels.append(recipe.name)
             done.remove()
         runs.append(run)
@@ -112,8 +117,7 @@ def main(argv=None) -> None:
               "minutes": (time.perf_counter() - start) / 60, "runs": runs}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    image_grid(grid_rows, labels, [p.format("sks ball") for p in SHOWN], cell=96,
-               label_width=170).save(a.out.with_suffix(".png"))
+    save_grid(grid_rows, labels, a.out.with_suffix(".png"))
     a.out.with_suffix(".md").write_text(render(record))
     print(render(record))
 
@@ -124,12 +128,10 @@ def show_seeds(seeds: list[int], out: Path) -> None:
     rows, labels = [], []
     for seed in seeds:
         done = personalize(pipe, HELDOUT, DEFAULT_METHOD, seed)
-        rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)],
-                 [sample(pipe, p.format("sks ball"), 1, 7 + k, done.adapters)[0] for k, p in enumerate(SHOWN)]]
+        rows += [[im for im, _ in reference_images(HELDOUT, seed=seed)], shown(pipe, done.adapters)]
         labels += [f"references (seed {seed})", f"{DEFAULT_METHOD.name}, seed {seed}"]
         done.remove()
-    image_grid(rows, labels, [p.format("sks ball") for p in SHOWN], cell=96,
-               label_width=170).save(out.with_name(out.name + "_seeds.png"))
+    save_grid(rows, labels, out.with_name(out.name + "_seeds.png"))
 
 
 def render(record: dict) -> str:
